@@ -1,0 +1,188 @@
+"""Configuration: dataclasses with presets, loadable from YAML recipes (``configs/*.yaml``).
+
+A recipe has two sections, ``model`` (RecLMISConfig) and ``train`` (TrainConfig); the ``model`` section may
+name a ``preset`` whose values it then overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class LossWeights:
+    """Eq. 11: L = v2t * L_V2T + t2v * L_T2V + ccl * L_CCL + seg * (L_Dice + L_BCE)."""
+
+    v2t: float = 1.0
+    t2v: float = 1.0
+    ccl: float = 0.2
+    seg: float = 5.0
+
+
+@dataclass
+class RecLMISConfig:
+    """Every size of the model derives from these fields and the image size."""
+
+    image_size: int = 224
+    in_channels: int = 3
+    base_channels: int = 64  # c: the U-Net runs c, 2c, 4c, 8c, 8c; visual tokens have width 8c
+    # CLIP-style text tower (transformers.CLIPTextModel); ignored when text_encoder names a local directory
+    max_text_len: int = 18  # L: tokens per note, padding included (18 QaTa/MosMed, 10 MoNuSeg)
+    vocab_size: int = 4096  # size of the BPE tokenizer trained on the notes
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    text_encoder: str | None = None  # local Hugging Face directory with a CLIP text model and tokenizer
+    freeze_text_encoder: bool = True  # applies to a loaded (pretrained) text encoder only
+    interaction_heads: int = 4
+    recon_layers: int = 3
+    recon_heads: int = 4
+    recon_dropout: float = 0.1
+    attention_mode: str = "reweight"  # "reweight" (official code) or "scale" (literal Eq. 7)
+    img_mask_ratio: float = 0.5
+    text_mask_ratio: float = 0.3
+    detach_recon_targets: bool = True  # detach W_poi/W_woi and the targets in Eq. 8/10
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = 100.0
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    # ablations (paper Table III/IV)
+    use_text: bool = True  # off: no text encoder, no CI, no reconstruction or contrastive loss (row e)
+    use_cvr: bool = True
+    use_clr: bool = True
+    use_ccl: bool = True
+    conditioned: bool = True  # off: reconstructors and CCL ignore W_poi/W_woi (uniform condition)
+    ops_backend: str = "auto"  # backend of the custom ops: "auto" or "reference" (the official choices)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_weights, dict):
+            self.loss_weights = LossWeights(**self.loss_weights)
+        self.validate()
+
+    @property
+    def visual_width(self) -> int:
+        return 8 * self.base_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 16
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def validate(self) -> None:
+        if self.image_size < 16 or self.image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16 (four 2x poolings), got {self.image_size}")
+        if self.attention_mode not in ("reweight", "scale"):
+            raise ValueError(f"attention_mode must be 'reweight' or 'scale', got {self.attention_mode!r}")
+        for name in ("img_mask_ratio", "text_mask_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, heads in (("interaction_heads", self.interaction_heads), ("recon_heads", self.recon_heads)):
+            if self.visual_width % heads:
+                raise ValueError(f"{name}={heads} must divide the visual width 8*base_channels={self.visual_width}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_heads={self.text_heads} must divide text_width={self.text_width}")
+        if self.max_text_len < 2:
+            raise ValueError(f"max_text_len must be at least 2 (begin and end tokens), got {self.max_text_len}")
+        if self.ops_backend not in ("auto", "reference"):
+            raise ValueError(f"ops_backend must be 'auto' or 'reference', got {self.ops_backend!r}")
+
+    def replace(self, **changes: Any) -> RecLMISConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RecLMISConfig:
+        values = dict(values)
+        preset = values.pop("preset", None)
+        _reject_unknown(cls, values, "model")
+        return cls.preset(preset, **values) if preset is not None else cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> RecLMISConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, RecLMISConfig] = {
+    # DESIGN shapes: U-Net base 64, CLIP ViT-B/32 text tower (12 layers, width 512, 8 heads)
+    "paper": RecLMISConfig(),
+    "small": RecLMISConfig(base_channels=32, text_width=256, text_layers=4, text_heads=4),
+    # trains on CPU in minutes at 64x64
+    "tiny": RecLMISConfig(
+        image_size=64, base_channels=16, text_width=128, text_layers=2, text_heads=4, vocab_size=1024
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping; the paper's values live in the recipes (configs/*_paper.yaml)."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    min_lr: float = 1e-6  # cosine annealing floor
+    precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "fp32", "fp16", "bf16"
+    channels_last: bool = True
+    num_workers: int = 2
+    augment: bool = True
+    early_stopping_patience: int = 50  # epochs without a better validation Dice; 0 disables
+    log_every: int = 10  # steps between host reads of the running losses
+    seed: int = 0
+    device: str = "auto"
+    sync_batchnorm: bool = False
+    global_contrastive: bool | None = None  # None: on when the world size is above 1
+    cache_images: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        _reject_unknown(cls, values, "train")
+        return cls(**values)
+
+
+def _reject_unknown(cls: type, values: dict[str, Any], section: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in the {section!r} section; known keys: {sorted(known)}")
+
+
+def load_recipe(path: str | Path) -> tuple[RecLMISConfig, TrainConfig]:
+    """Read a YAML recipe with ``model`` and ``train`` sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path} must be a mapping with 'model' and 'train' sections")
+    unknown = sorted(set(raw) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown section(s) {unknown}; expected 'model' and 'train'")
+    try:
+        return RecLMISConfig.from_dict(raw.get("model") or {}), TrainConfig.from_dict(raw.get("train") or {})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"recipe {path}: {err}") from err

@@ -1,0 +1,70 @@
+"""Input validation shared by the public ops: every error names the offending argument and its shape."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {t.dtype} (shape {tuple(t.shape)})")
+
+
+def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"{name} has size {t.shape[dim]} in dimension {dim} (shape {tuple(t.shape)}), "
+            f"expected {expected} ({meaning})"
+        )
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
+
+
+def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
+    if backend not in allowed:
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_triton_backend(backend: str, device: torch.device, op: str) -> str:
+    """Map ``backend`` to "reference" or "triton" for a tensor on ``device``.
+
+    "auto" picks the fused kernel for CUDA tensors when Triton is installed and the reference elsewhere.
+    "triton" on CPU tensors is only meaningful under TRITON_INTERPRET=1 (how CI tests kernels).
+    """
+    check_backend(backend, ("auto", "reference", "triton"))
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}(backend='triton') needs the triton package, which is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            raise RuntimeError(
+                f"{op}(backend='triton') needs CUDA tensors (got {device}); on CPU the kernel runs only "
+                "under TRITON_INTERPRET=1, which is how the tests exercise it"
+            )
+    return backend
