@@ -1,0 +1,82 @@
+"""Shared benchmark plumbing: timing, peak memory, environment record and results files.
+
+Every op suite exposes ``run(device: str, quick: bool) -> list[dict]`` (rows as produced by
+``measure``) for ``benchmarks/run_all.py``, a pytest-benchmark suite, and a script mode writing JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What produced a figure: device, versions, commit and command."""
+    env: dict[str, Any] = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["git_commit"] = None
+    return env
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], device: str, *, warmup: int = 3, reps: int = 10) -> dict[str, float | None]:
+    """Median wall time (ms) of ``fn`` and, on CUDA, the peak memory it allocates above the baseline (MiB)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20 if device == "cuda" else None
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_mem_mib": peak}
+
+
+def write_results(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Write ``payload`` as JSON to ``out`` (default benchmarks/results/<name>.json), atomically."""
+    path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
