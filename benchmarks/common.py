@@ -26,7 +26,9 @@ def environment(device: str) -> dict[str, Any]:
     """What produced a figure: device, versions, commit and command."""
     env: dict[str, Any] = {
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -42,7 +44,11 @@ def environment(device: str) -> dict[str, Any]:
         env["triton"] = None
     try:
         env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         env["git_commit"] = None
@@ -54,7 +60,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], object], device: str, *, warmup: int = 3, reps: int = 10) -> dict[str, float | None]:
+def measure(
+    fn: Callable[[], object], device: str, *, warmup: int = 3, reps: int = 10
+) -> dict[str, float | None]:
     """Median wall time (ms) of ``fn`` and, on CUDA, the peak memory it allocates above the baseline (MiB)."""
     for _ in range(warmup):
         fn()

@@ -78,7 +78,9 @@ class RecLMISConfig:
 
     def validate(self) -> None:
         if self.image_size < 16 or self.image_size % 16:
-            raise ValueError(f"image_size must be a positive multiple of 16 (four 2x poolings), got {self.image_size}")
+            raise ValueError(
+                f"image_size must be a positive multiple of 16 (four 2x poolings), got {self.image_size}"
+            )
         if self.attention_mode not in ("reweight", "scale"):
             raise ValueError(f"attention_mode must be 'reweight' or 'scale', got {self.attention_mode!r}")
         for name in ("img_mask_ratio", "text_mask_ratio"):
@@ -86,11 +88,15 @@ class RecLMISConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name, heads in (("interaction_heads", self.interaction_heads), ("recon_heads", self.recon_heads)):
             if self.visual_width % heads:
-                raise ValueError(f"{name}={heads} must divide the visual width 8*base_channels={self.visual_width}")
+                raise ValueError(
+                    f"{name}={heads} must divide the visual width 8*base_channels={self.visual_width}"
+                )
         if self.text_width % self.text_heads:
             raise ValueError(f"text_heads={self.text_heads} must divide text_width={self.text_width}")
         if self.max_text_len < 2:
-            raise ValueError(f"max_text_len must be at least 2 (begin and end tokens), got {self.max_text_len}")
+            raise ValueError(
+                f"max_text_len must be at least 2 (begin and end tokens), got {self.max_text_len}"
+            )
         if self.ops_backend not in ("auto", "reference"):
             raise ValueError(f"ops_backend must be 'auto' or 'reference', got {self.ops_backend!r}")
 
@@ -134,7 +140,9 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     min_lr: float = 1e-6  # cosine annealing floor
-    precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "fp32", "fp16", "bf16"
+    precision: str = (
+        "auto"  # "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "fp32", "fp16", "bf16"
+    )
     channels_last: bool = True
     num_workers: int = 2
     augment: bool = True

@@ -64,7 +64,9 @@ def _validate(q, k, v, cond, key_padding_mask, mode, scale) -> None:
     check_dim("cond", cond, 0, b, "batch of q")
     check_dim("cond", cond, 1, nk, "keys of k")
     if q.shape[2] < 1 or nk < 1:
-        raise ValueError(f"q and k need at least one query and one key, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k need at least one query and one key, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if d not in HEAD_DIMS:
         raise ValueError(f"q has head dim {d} (shape {tuple(q.shape)}); supported head dims are {HEAD_DIMS}")
     if key_padding_mask is not None:

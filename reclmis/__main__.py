@@ -1,0 +1,5 @@
+import sys
+
+from reclmis.cli import main
+
+sys.exit(main())

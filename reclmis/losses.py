@@ -1,0 +1,66 @@
+"""Losses of RecLMIS (paper Eq. 6, 8, 10, 11) and the segmentation loss (Dice + BCE)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from reclmis.ops import max_similarity
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per image, averaged over the batch: 1 - (2|P.G| + s) / (|P| + |G| + s)."""
+    probs = torch.sigmoid(logits.float()).flatten(1)
+    target = target.float().flatten(1)
+    overlap = (probs * target).sum(1)
+    return (1 - (2 * overlap + smooth) / (probs.sum(1) + target.sum(1) + smooth)).mean()
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def weighted_reconstruction_loss(
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eq. 8 / 10: mean_b (1/T_b) sum_i W[b, i] * ||x_bi - x_hat_bi||^2 over the T_b valid tokens of row b."""
+    error = (reconstruction.float() - target.float()).pow(2).sum(-1)  # (B, T)
+    weighted = weight.float() * error
+    if valid is None:
+        return (weighted.sum(1) / error.shape[1]).mean()
+    weighted = weighted.masked_fill(~valid, 0.0)
+    return (weighted.sum(1) / valid.sum(1).clamp_min(1)).mean()
+
+
+def symmetric_cross_entropy(
+    logits_img_to_txt: torch.Tensor, logits_txt_to_img: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """0.5 * (CE(rows of images over texts) + CE(rows of texts over images)), CLIP style."""
+    return 0.5 * (F.cross_entropy(logits_img_to_txt, targets) + F.cross_entropy(logits_txt_to_img, targets))
+
+
+def contrastive_scale(logit_scale: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """s = exp(learned logit scale), clamped at ``max_scale`` (CLIP)."""
+    return logit_scale.exp().clamp(max=max_scale)
+
+
+def conditioned_contrastive_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    w_poi: torch.Tensor,
+    w_woi: torch.Tensor,
+    txt_mask: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Eq. 4-6: S = max_similarity(V, E, W_poi, W_woi); L_CCL = 0.5 * (CE(s S, diag) + CE(s S^T, diag)).
+
+    img (B, N, C) stage-4 visual tokens, txt (B, L, C) projected text tokens, scale = exp(logit scale).
+    """
+    s = max_similarity(img, txt, w_poi, w_woi, txt_mask, backend=backend) * scale  # (B, B)
+    targets = torch.arange(s.shape[0], device=s.device)
+    return symmetric_cross_entropy(s, s.T, targets)

@@ -1,0 +1,77 @@
+"""Conditioned Interaction (paper section III-B) and the heads that score patches and words of interest.
+
+W_poi (patches-of-interest weights, B x N) says how much each visual token matters to the note;
+W_woi (words-of-interest weights, B x L) says how much each word matters to the image. Both are
+distributions: W_poi sums to 1 over the N patches, W_woi over the valid tokens of each note.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def masked_conv1d(conv: nn.Conv1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Conv1d over tokens x (B, L, C) that sees padded positions as zeros, like the sequence border."""
+    x = x * mask[..., None].to(x.dtype)
+    return conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class MaskedConvBNReLU(nn.Module):
+    """Conv1d (kernel 3) -> BN -> ReLU over the valid tokens only; padded positions come out as zeros."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+        self.norm = nn.BatchNorm1d(channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = masked_conv1d(self.conv, x, mask)  # (B, L, C)
+        out = torch.zeros_like(y)
+        out[mask] = torch.relu(self.norm(y[mask]))  # batch statistics over valid tokens only
+        return out
+
+
+class ConditionedInteraction(nn.Module):
+    """CI: E' = MHA(query=E, key/value=V), V' = MHA(query=V, key/value=E'), E' -> Conv1d-BN-ReLU.
+
+    V (B, N, C) gets a 1x1 patch embedding and a learned position embedding first. Returns (V', E').
+    """
+
+    def __init__(self, width: int, num_patches: int, heads: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(width, width, kernel_size=1)
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.dropout = nn.Dropout(dropout)
+        self.text_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.image_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.text_refine = MaskedConvBNReLU(width)
+
+    def forward(
+        self, stage4: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # stage4 (B, C, g, g); text (B, L, C); text_mask (B, L) bool
+        v = self.patch_embedding(stage4).flatten(2).transpose(1, 2)  # (B, N, C)
+        v = self.dropout(v + self.position_embedding)
+        e = self.text_attention(text, v, v, need_weights=False)[0]  # (B, L, C)
+        v = self.image_attention(v, e, e, key_padding_mask=~text_mask, need_weights=False)[0]  # (B, N, C)
+        return v, self.text_refine(e, text_mask)
+
+
+class InterestWeights(nn.Module):
+    """softmax over valid tokens of MLP(x): Linear-ReLU-Linear(1). Gives W_poi from V', W_woi from E'.
+
+    The last layer has no bias: the softmax is invariant to it, so it would never receive a gradient.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 1, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        scores = self.mlp(x).squeeze(-1).float()  # (B, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)

@@ -1,0 +1,216 @@
+"""RecLMIS (paper Fig. 2): U-Net+PLAM segmentation guided by a clinical note through Conditioned
+Interaction, trained with conditioned reconstruction (CVR, CLR) and the conditioned contrastive loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from reclmis.config import RecLMISConfig
+from reclmis.data.tokenizer import NoteTokenizer
+from reclmis.losses import (
+    bce_loss,
+    conditioned_contrastive_loss,
+    contrastive_scale,
+    dice_loss,
+    weighted_reconstruction_loss,
+)
+from reclmis.model.interaction import ConditionedInteraction, InterestWeights, masked_conv1d
+from reclmis.model.reconstruction import ConditionedReconstructor
+from reclmis.model.text_encoder import TextEncoder
+from reclmis.model.unet import UNetDecoder, UNetEncoder
+from reclmis.ops import weighted_mask
+
+
+@dataclass
+class RecLMISOutput:
+    """logits (B, 1, S, S); W_poi (B, N) and W_woi (B, L) in training or when asked; in training, every
+    loss term of Eq. 11 under ``losses`` with the weighted sum under ``losses["total"]``."""
+
+    logits: torch.Tensor
+    w_poi: torch.Tensor | None = None
+    w_woi: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RecLMIS(nn.Module):
+    def __init__(self, config: RecLMISConfig, tokenizer: NoteTokenizer | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tokenizer = tokenizer
+        c, width = config.base_channels, config.visual_width
+        self.encoder = UNetEncoder(config.in_channels, c)
+        self.decoder = UNetDecoder(c)
+        if not config.use_text:
+            return
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required when config.use_text is on")
+        if config.text_encoder is not None:
+            self.text_encoder = TextEncoder.from_pretrained(
+                config.text_encoder, config.max_text_len, frozen=config.freeze_text_encoder
+            )
+        else:
+            self.text_encoder = TextEncoder.from_config(config, tokenizer)
+        self.text_projection = nn.Conv1d(self.text_encoder.width, width, kernel_size=3, padding=1)
+        self.interaction = ConditionedInteraction(width, config.num_patches, config.interaction_heads)
+        self.poi_head = InterestWeights(width)  # W_poi
+        self.woi_head = InterestWeights(width)  # W_woi
+        recon = dict(
+            width=width,
+            layers=config.recon_layers,
+            heads=config.recon_heads,
+            dropout=config.recon_dropout,
+            mode=config.attention_mode,
+            backend=config.ops_backend,
+        )
+        self.cvr = ConditionedReconstructor(**recon) if config.use_cvr else None
+        self.clr = ConditionedReconstructor(**recon) if config.use_clr else None
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init)) if config.use_ccl else None
+
+    @classmethod
+    def build(cls, config: RecLMISConfig, notes: Sequence[str] | None = None) -> RecLMIS:
+        """A model with its tokenizer: the pretrained directory's (``config.text_encoder``), or a BPE
+        trained on ``notes`` (the training notes), or none when the text branch is off."""
+        if not config.use_text:
+            return cls(config)
+        if config.text_encoder is not None:
+            return cls(config, NoteTokenizer.from_pretrained(config.text_encoder, config.max_text_len))
+        if not notes:
+            raise ValueError(
+                "training notes are required to build the tokenizer of a text encoder trained from scratch"
+            )
+        return cls(config, NoteTokenizer.train(notes, config.max_text_len, config.vocab_size))
+
+    def training_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters that never run at inference: the reconstructors and the contrastive logit scale."""
+        params = [p for m in (self.cvr, self.clr) if m is not None for p in m.parameters()]
+        return params + ([self.logit_scale] if self.logit_scale is not None else [])
+
+    def tokenize(
+        self, notes: Sequence[str], device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (config.use_text is off)")
+        return tuple(t.to(device) for t in self.tokenizer(notes))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        *,
+        return_weights: bool = False,
+    ) -> RecLMISOutput:
+        self._check_inputs(images, input_ids, attention_mask, masks)
+        *skips, stage4 = self.encoder(images)  # stage4 (B, 8c, g, g)
+        if not self.config.use_text:
+            out = RecLMISOutput(self.decoder(stage4, skips))
+            if self.training and masks is not None:
+                out.losses = self._weighted_total(self._segmentation_losses(out.logits, masks))
+            return out
+
+        text_mask = attention_mask.bool()
+        text = self.text_encoder(input_ids, text_mask)  # (B, L, text width)
+        text = masked_conv1d(self.text_projection, text, text_mask) * text_mask[..., None]  # E (B, L, C)
+        v_ci, e_ci = self.interaction(stage4, text, text_mask)  # V' (B, N, C), E' (B, L, C)
+        logits = self.decoder(v_ci.transpose(1, 2).reshape(stage4.shape), skips)
+        out = RecLMISOutput(logits)
+        if self.training or return_weights:
+            out.w_poi = self.poi_head(v_ci)
+            out.w_woi = self.woi_head(e_ci, text_mask)
+        if self.training:
+            visual = stage4.flatten(2).transpose(1, 2)  # V (B, N, C)
+            losses = self._auxiliary_losses(visual, text, text_mask, out.w_poi, out.w_woi)
+            if masks is not None:
+                losses.update(self._segmentation_losses(logits, masks))
+            out.losses = self._weighted_total(losses)
+        return out
+
+    def _auxiliary_losses(
+        self,
+        visual: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        w_poi: torch.Tensor,
+        w_woi: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """L_T2V (Eq. 8, CVR), L_V2T (Eq. 10, CLR) and L_CCL (Eq. 6)."""
+        cfg = self.config
+        if not cfg.conditioned:  # ablation: uniform conditions in place of W_poi / W_woi
+            w_poi = torch.full_like(w_poi, 1.0 / w_poi.shape[1])
+            w_woi = text_mask.float() / text_mask.sum(1, keepdim=True).clamp_min(1)
+        detach = cfg.detach_recon_targets
+        losses: dict[str, torch.Tensor] = {}
+        if self.cvr is not None:
+            masked, _ = weighted_mask(visual, w_poi.detach(), cfg.img_mask_ratio)
+            v_hat = self.cvr(masked, None, text, w_woi, text_mask)
+            losses["t2v"] = weighted_reconstruction_loss(
+                v_hat, visual.detach() if detach else visual, w_poi.detach() if detach else w_poi
+            )
+        if self.clr is not None:
+            masked, _ = weighted_mask(text, w_woi.detach(), cfg.text_mask_ratio, lengths=text_mask.sum(1))
+            e_hat = self.clr(masked, text_mask, visual, w_poi, None)
+            losses["v2t"] = weighted_reconstruction_loss(
+                e_hat, text.detach() if detach else text, w_woi.detach() if detach else w_woi, text_mask
+            )
+        if self.logit_scale is not None:
+            scale = contrastive_scale(self.logit_scale, cfg.logit_scale_max)
+            losses["ccl"] = conditioned_contrastive_loss(
+                visual, text, w_poi, w_woi, text_mask, scale, backend=cfg.ops_backend
+            )
+        return losses
+
+    @staticmethod
+    def _segmentation_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"dice": dice_loss(logits, masks), "bce": bce_loss(logits, masks)}
+
+    def _weighted_total(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eq. 11: L = w_v2t L_V2T + w_t2v L_T2V + w_ccl L_CCL + w_seg (L_Dice + L_BCE)."""
+        w = self.config.loss_weights
+        weights = {"v2t": w.v2t, "t2v": w.t2v, "ccl": w.ccl, "dice": w.seg, "bce": w.seg}
+        losses["total"] = sum(weights[name] * value for name, value in losses.items())
+        return losses
+
+    def _check_inputs(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> None:
+        cfg = self.config
+        size = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != size:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, size))}), got {shape}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        batch = images.shape[0]
+        if masks is not None and (masks.dim() != 4 or tuple(masks.shape) != (batch, 1, *size[1:])):
+            raise ValueError(
+                f"masks must have shape ({batch}, 1, {size[1]}, {size[2]}), got {tuple(masks.shape)}"
+            )
+        if not cfg.use_text:
+            return
+        if input_ids is None or attention_mask is None:
+            raise ValueError("input_ids and attention_mask are required when config.use_text is on")
+        if input_ids.dim() != 2 or input_ids.shape[0] != batch:
+            raise ValueError(f"input_ids must have shape ({batch}, L), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.shape[1] > cfg.max_text_len:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens, more than max_text_len={cfg.max_text_len}"
+            )
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.dtype not in (torch.bool, torch.int32, torch.int64):
+            raise TypeError(f"attention_mask must be a bool or integer tensor, got {attention_mask.dtype}")

@@ -1,0 +1,207 @@
+"""The RecLMIS model: shapes, gradients, eval-mode graph, padding invariance, input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from reclmis.config import RecLMISConfig
+from reclmis.data.tokenizer import BOS, EOS, PAD, NoteTokenizer
+from reclmis.model import RecLMIS
+
+NOTES = [
+    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+    "Unilateral pulmonary infection, one infected area, middle right lung.",
+    "The nuclei density in the upper right is high.",
+]
+
+
+def make_model(preset: str = "tiny", **overrides) -> RecLMIS:
+    torch.manual_seed(0)
+    config = RecLMISConfig.preset(preset, ops_backend="reference", **overrides)
+    return RecLMIS(config, NoteTokenizer.train(NOTES * 4, config.max_text_len, vocab_size=300))
+
+
+def make_batch(model: RecLMIS, batch: int = 3):
+    cfg = model.config
+    images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+    masks = (torch.rand(batch, 1, cfg.image_size, cfg.image_size) > 0.7).float()
+    input_ids, attention_mask = model.tokenize((NOTES * batch)[:batch])
+    return images, input_ids, attention_mask, masks
+
+
+@pytest.mark.parametrize(
+    ("preset", "image_size"), [("tiny", 64), ("tiny", 80), ("small", 112), ("paper", 48)], ids=str
+)
+def test_train_and_eval_shapes(preset: str, image_size: int) -> None:
+    model = make_model(preset, image_size=image_size)
+    images, ids, mask, masks = make_batch(model, batch=2)
+    out = model.train()(images, ids, mask, masks)
+    n = (image_size // 16) ** 2
+    assert out.logits.shape == (2, 1, image_size, image_size)
+    assert out.w_poi.shape == (2, n) and out.w_woi.shape == ids.shape
+    assert set(out.losses) == {"t2v", "v2t", "ccl", "dice", "bce", "total"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.losses.values())
+    torch.testing.assert_close(out.w_poi.sum(1), torch.ones(2))
+    torch.testing.assert_close(out.w_woi.sum(1), torch.ones(2))
+    assert (out.w_woi[~mask] == 0).all()
+    with torch.no_grad():
+        eval_out = model.eval()(images, ids, mask)
+    assert eval_out.logits.shape == (2, 1, image_size, image_size)
+    assert eval_out.w_poi is None and eval_out.losses == {}
+
+
+def test_total_is_eq11_weighted_sum() -> None:
+    model = make_model()
+    out = model.train()(*make_batch(model))
+    l = out.losses
+    expected = l["v2t"] + l["t2v"] + 0.2 * l["ccl"] + 5 * (l["dice"] + l["bce"])
+    torch.testing.assert_close(l["total"], expected)
+
+
+def test_every_trainable_parameter_gets_a_gradient() -> None:
+    model = make_model()
+    model.train()(*make_batch(model)).losses["total"].backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    assert missing == []
+
+
+def test_eval_mode_runs_no_training_only_module() -> None:
+    model = make_model().eval()
+    called: list[str] = []
+    for name in ("cvr", "clr", "poi_head", "woi_head"):
+        getattr(model, name).register_forward_hook(lambda *_, name=name: called.append(name))
+    images, ids, mask, _ = make_batch(model)
+    with torch.no_grad():
+        model(images, ids, mask)
+    assert called == []
+    with torch.no_grad():
+        out = model(images, ids, mask, return_weights=True)
+    assert sorted(called) == ["poi_head", "woi_head"]
+    assert out.w_poi is not None and out.w_woi is not None
+
+
+def test_padding_changes_nothing() -> None:
+    model = make_model().eval()
+    images, *_ = make_batch(model, batch=1)
+    long_ids, long_mask = model.tokenize(["Upper left lung."])  # padded to max_text_len = 18
+    n = int(long_mask.sum())
+    short_ids, short_mask = long_ids[:, : n + 2], long_mask[:, : n + 2]
+    assert n < 16 and not short_mask[0, -1]
+    with torch.no_grad():
+        a = model(images, long_ids, long_mask, return_weights=True)
+        b = model(images, short_ids, short_mask, return_weights=True)
+        garbage = long_ids.masked_fill(~long_mask, 7)  # padded ids must not matter either
+        c = model(images, garbage, long_mask)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.w_poi, b.w_poi, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.w_woi[:, : n + 2], b.w_woi, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.logits, c.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("switch", ["use_cvr", "use_clr", "use_ccl"], ids=lambda s: f"{s}=False")
+def test_ablation_switches_drop_their_loss(switch: str) -> None:
+    model = make_model(**{switch: False})
+    out = model.train()(*make_batch(model))
+    dropped = {"use_cvr": "t2v", "use_clr": "v2t", "use_ccl": "ccl"}[switch]
+    assert dropped not in out.losses and "total" in out.losses
+    assert not any(name in n for n, _ in model.named_parameters() for name in (dropped,))
+
+
+def test_use_text_off_is_a_plain_unet_with_plam() -> None:
+    torch.manual_seed(0)
+    model = RecLMIS(RecLMISConfig.preset("tiny", use_text=False))
+    assert not hasattr(model, "text_encoder") and not hasattr(model, "interaction")
+    images = torch.randn(2, 3, 64, 64)
+    out = model.train()(images, masks=torch.zeros(2, 1, 64, 64))
+    assert set(out.losses) == {"dice", "bce", "total"}
+    assert model.eval()(images).logits.shape == (2, 1, 64, 64)
+
+
+def test_unconditioned_ablation_trains() -> None:
+    model = make_model(conditioned=False)
+    out = model.train()(*make_batch(model))
+    out.losses["total"].backward()
+    assert torch.isfinite(out.losses["total"])
+
+
+def test_scale_mode_trains() -> None:
+    model = make_model(attention_mode="scale")
+    assert torch.isfinite(model.train()(*make_batch(model)).losses["total"])
+
+
+def test_pretrained_text_encoder_loads_offline_and_is_frozen(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bpe = NoteTokenizer.train(NOTES * 4, max_len=24, vocab_size=300).tokenizer
+    bpe.no_padding()
+    bpe.no_truncation()
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    hf_tokenizer.save_pretrained(tmp_path)
+    text_config = CLIPTextConfig(
+        vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=24,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPTextModel(text_config).save_pretrained(tmp_path)
+
+    config = RecLMISConfig.preset("tiny", text_encoder=str(tmp_path), ops_backend="reference")
+    model = RecLMIS.build(config)
+    assert model.tokenizer.vocab_size == bpe.get_vocab_size()
+    assert all(not p.requires_grad for p in model.text_encoder.parameters())
+    saved = CLIPTextModel.from_pretrained(tmp_path).state_dict()
+    for name, value in model.text_encoder.model.state_dict().items():
+        torch.testing.assert_close(value, saved[name])
+    out = model.train()(*make_batch(model))
+    out.losses["total"].backward()
+    assert model.text_projection.weight.grad is not None
+    assert not model.text_encoder.model.training  # frozen encoder stays in eval mode
+
+
+def test_pretrained_text_encoder_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="text_encoder="):
+        RecLMIS.build(RecLMISConfig.preset("tiny", text_encoder=str(tmp_path / "missing")))
+
+
+def test_build_needs_notes_without_pretrained_encoder() -> None:
+    with pytest.raises(ValueError, match="notes"):
+        RecLMIS.build(RecLMISConfig.preset("tiny"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda b: (b[0][0], *b[1:]), ValueError, "images"),
+        (lambda b: (b[0][:, :, :32, :32], *b[1:]), ValueError, "images"),
+        (lambda b: (b[0].long(), *b[1:]), TypeError, "images"),
+        (lambda b: (b[0], b[1][:2], *b[2:]), ValueError, "input_ids"),
+        (lambda b: (b[0], b[1].float(), *b[2:]), TypeError, "input_ids"),
+        (lambda b: (b[0], b[1], b[2][:, :5], b[3]), ValueError, "attention_mask"),
+        (lambda b: (b[0], b[1], b[2].float(), b[3]), TypeError, "attention_mask"),
+        (lambda b: (*b[:3], b[3][:2]), ValueError, "masks"),
+        (lambda b: (b[0], torch.cat([b[1], b[1]], 1), torch.cat([b[2], b[2]], 1), b[3]), ValueError, "max_text_len"),
+    ],
+    ids=["images-rank", "images-size", "images-dtype", "ids-batch", "ids-dtype", "mask-shape", "mask-dtype",
+         "masks-batch", "too-long"],
+)  # fmt: skip
+def test_bad_inputs_name_the_argument(mutate, error, match) -> None:
+    model = make_model().train()
+    with pytest.raises(error, match=match):
+        model(*mutate(make_batch(model)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"image_size": 100}, "image_size"),
+        ({"img_mask_ratio": 1.5}, "img_mask_ratio"),
+        ({"text_mask_ratio": -0.1}, "text_mask_ratio"),
+        ({"attention_mode": "softmax"}, "attention_mode"),
+        ({"recon_heads": 3}, "recon_heads"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        RecLMISConfig.preset("tiny", **overrides)
