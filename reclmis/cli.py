@@ -1,13 +1,125 @@
-"""Command line: ``reclmis {train,evaluate,predict,make-synthetic,profile}`` (also ``python -m reclmis``)."""
+"""Command line: ``reclmis {train,evaluate,predict,make-synthetic,profile}`` (also ``python -m reclmis``).
+
+Multi-GPU: ``torchrun --nproc_per_node=N -m reclmis train ...`` (``--batch-size`` is per process).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from reclmis.config import PRESETS
+import yaml
+
+from reclmis.config import PRESETS, build_configs, read_recipe
+
+TRAIN_FLAGS = {  # CLI flag -> (section, field)
+    "image_size": ("model", "image_size"),
+    "text_encoder": ("model", "text_encoder"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "device": ("train", "device"),
+    "seed": ("train", "seed"),
+    "workers": ("train", "num_workers"),
+    "precision": ("train", "precision"),
+}
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    key, sep, value = text.partition("=")
+    section, dot, name = key.partition(".")
+    if not sep or not dot or section not in ("model", "train") or not name:
+        raise ValueError(f"--set expects model.FIELD=VALUE or train.FIELD=VALUE, got {text!r}")
+    return section, name, yaml.safe_load(value)
+
+
+def train_configs(args: argparse.Namespace):
+    """Recipe (``--config``), then ``--preset``, then the flags and ``--set`` overrides, in that order."""
+    sections = read_recipe(args.config) if args.config else {"model": {}, "train": {}}
+    if args.preset:
+        sections["model"]["preset"] = args.preset
+    sections["model"].setdefault("preset", "tiny")
+    for flag, (section, name) in TRAIN_FLAGS.items():
+        if getattr(args, flag) is not None:
+            sections[section][name] = getattr(args, flag)
+    for override in args.set:
+        section, name, value = _parse_override(override)
+        sections[section][name] = value
+    return build_configs(sections, "configuration")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from reclmis.train import Trainer
+
+    model_config, train_config = train_configs(args)
+    out = Path(args.out or f"runs/{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    trainer = Trainer(model_config, train_config, args.data, out, resume=args.resume)
+    results = trainer.fit()
+    if trainer.dist.is_main:
+        best = max((r.val["dice"] for r in results), default=trainer.best_dice)
+        print(f"done: best validation Dice {best:.4f}; checkpoints in {out} (best.pt, last.pt)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from reclmis.inference import evaluate, write_metrics_json
+    from reclmis.train import model_from_checkpoint
+    from reclmis.train.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = model_from_checkpoint(args.checkpoint, device)
+    metrics = evaluate(
+        model,
+        args.data,
+        args.split,
+        batch_size=args.batch_size,
+        device=device,
+        save_predictions=args.save_predictions,
+        per_image_csv=args.per_image_csv,
+    )
+    print(f"{'split':<8}{'images':>8}{'Dice':>10}{'IoU':>10}")
+    print(f"{args.split:<8}{metrics['n']:>8}{100 * metrics['dice']:>10.2f}{100 * metrics['iou']:>10.2f}")
+    if args.json:
+        write_metrics_json(metrics, args.json)
+    if args.save_predictions:
+        print(f"prediction overlays (green TP, red FN, blue FP) in {args.save_predictions}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from reclmis.inference import predict, write_comparison, write_prediction
+    from reclmis.train import model_from_checkpoint
+    from reclmis.train.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = model_from_checkpoint(args.checkpoint, device)
+    prediction = predict(model, args.image, args.text, device)
+    written = write_prediction(prediction, args.out, explain=args.explain)
+    if args.compare_text:
+        other = predict(model, args.image, args.compare_text, device)
+        out = Path(args.out)
+        written.append(
+            write_comparison(
+                prediction, other, (args.text, args.compare_text), out.with_name(f"{out.stem}_compare.png")
+            )
+        )
+    for path in written:
+        print(path)
+    return 0
+
+
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from reclmis.data import make_synthetic
+
+    out = make_synthetic(args.out, size=args.size, n_train=args.n, n_val=args.n_val, n_test=args.n_test,
+                         seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+    print(f"synthetic dataset in {out} (counterfactual test split in {out / 'counterfactual'})")
+    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -19,8 +131,66 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reclmis", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="reclmis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train on an LViT-layout dataset folder")
+    train.add_argument(
+        "--data", required=True, help="dataset root with Train_Folder, Val_Folder, Test_Folder"
+    )
+    train.add_argument("--config", help="YAML recipe (configs/*.yaml); the flags below override it")
+    train.add_argument(
+        "--preset", choices=sorted(PRESETS), help="model preset (default: the recipe's, else tiny)"
+    )
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="per process under torchrun")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--out", help="run folder for checkpoints and logs (default runs/<data>-<time>)")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--seed", type=int)
+    train.add_argument("--text-encoder", help="local Hugging Face directory of a pretrained CLIP text model")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    train.add_argument("--workers", type=int, help="DataLoader worker processes")
+    train.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override any config field, e.g. --set model.use_text=false")  # fmt: skip
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="Dice and IoU of a checkpoint on a dataset split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
+    evaluate.add_argument("--json", help="write {dice, iou, n} (fractions) to this file")
+    evaluate.add_argument("--save-predictions", help="folder for predicted masks and error overlays")
+    evaluate.add_argument("--per-image-csv", help="write per-image Dice and IoU to this CSV file")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser("predict", help="segment one image given its note")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--image", required=True)
+    predict.add_argument("--text", help="the clinical note")
+    predict.add_argument("--out", required=True, help="mask PNG; the overlay goes beside it")
+    predict.add_argument(
+        "--explain", action="store_true", help="also write the W_poi heatmap and W_woi word weights"
+    )
+    predict.add_argument("--compare-text", help="a second note: both segmentations side by side")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.set_defaults(handler=_predict)
+
+    synthetic = commands.add_parser("make-synthetic", help="write a synthetic language-guided dataset")
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--size", type=int, default=64)
+    synthetic.add_argument("--n", type=int, default=400, help="training images")
+    synthetic.add_argument("--n-val", type=int, default=64)
+    synthetic.add_argument("--n-test", type=int, default=100)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--overwrite", action="store_true")
+    synthetic.set_defaults(handler=_make_synthetic)
 
     profile = commands.add_parser("profile", help="parameters and FLOPs (the paper's Table II columns)")
     profile.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -35,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"reclmis {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -69,6 +69,11 @@ class RecLMISConfig:
         return 8 * self.base_channels
 
     @property
+    def text_encoder_frozen(self) -> bool:
+        """Only a pretrained encoder is frozen; one trained from scratch always learns."""
+        return self.text_encoder is not None and self.freeze_text_encoder
+
+    @property
     def grid_size(self) -> int:
         return self.image_size // 16
 
@@ -145,7 +150,9 @@ class TrainConfig:
     )
     channels_last: bool = True
     num_workers: int = 2
-    augment: bool = True
+    # "full": the official augmentation (blur, colour, rot90/flip or rotation); "photometric": blur and colour
+    # only, for notes that name positions (flipping the image would contradict them); "none"
+    augment: str = "full"
     early_stopping_patience: int = 50  # epochs without a better validation Dice; 0 disables
     log_every: int = 10  # steps between host reads of the running losses
     seed: int = 0
@@ -155,6 +162,8 @@ class TrainConfig:
     cache_images: bool = True
 
     def __post_init__(self) -> None:
+        if self.augment not in ("full", "photometric", "none"):
+            raise ValueError(f"augment must be full, photometric or none, got {self.augment!r}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         for name in ("epochs", "batch_size"):
@@ -179,8 +188,8 @@ def _reject_unknown(cls: type, values: dict[str, Any], section: str) -> None:
         raise ValueError(f"unknown key(s) {unknown} in the {section!r} section; known keys: {sorted(known)}")
 
 
-def load_recipe(path: str | Path) -> tuple[RecLMISConfig, TrainConfig]:
-    """Read a YAML recipe with ``model`` and ``train`` sections."""
+def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The raw ``model`` and ``train`` sections of a YAML recipe."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
@@ -190,7 +199,18 @@ def load_recipe(path: str | Path) -> tuple[RecLMISConfig, TrainConfig]:
     unknown = sorted(set(raw) - {"model", "train"})
     if unknown:
         raise ValueError(f"recipe {path}: unknown section(s) {unknown}; expected 'model' and 'train'")
+    return {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
+
+
+def build_configs(
+    sections: dict[str, dict[str, Any]], origin: str = "recipe"
+) -> tuple[RecLMISConfig, TrainConfig]:
     try:
-        return RecLMISConfig.from_dict(raw.get("model") or {}), TrainConfig.from_dict(raw.get("train") or {})
+        return RecLMISConfig.from_dict(sections["model"]), TrainConfig.from_dict(sections["train"])
     except (TypeError, ValueError) as err:
-        raise ValueError(f"recipe {path}: {err}") from err
+        raise ValueError(f"{origin}: {err}") from err
+
+
+def load_recipe(path: str | Path) -> tuple[RecLMISConfig, TrainConfig]:
+    """Read a YAML recipe with ``model`` and ``train`` sections."""
+    return build_configs(read_recipe(path), f"recipe {path}")

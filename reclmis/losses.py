@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from reclmis.ops import max_similarity
@@ -56,11 +59,25 @@ def conditioned_contrastive_loss(
     scale: torch.Tensor,
     *,
     backend: str = "auto",
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Eq. 4-6: S = max_similarity(V, E, W_poi, W_woi); L_CCL = 0.5 * (CE(s S, diag) + CE(s S^T, diag)).
 
     img (B, N, C) stage-4 visual tokens, txt (B, L, C) projected text tokens, scale = exp(logit scale).
+    With ``gather`` (an all-gather with gradients over R processes holding B pairs each), the loss runs
+    over the global batch as in CLIP: this process scores its B images against all R*B texts and all R*B
+    images against its B texts; the mean of the R processes' losses equals the single-process loss on the
+    concatenated batch.
     """
-    s = max_similarity(img, txt, w_poi, w_woi, txt_mask, backend=backend) * scale  # (B, B)
-    targets = torch.arange(s.shape[0], device=s.device)
-    return symmetric_cross_entropy(s, s.T, targets)
+    if gather is None:
+        s = max_similarity(img, txt, w_poi, w_woi, txt_mask, backend=backend) * scale  # (B, B)
+        return symmetric_cross_entropy(s, s.T, torch.arange(s.shape[0], device=s.device))
+    all_img, all_w_poi = gather(img), gather(w_poi)
+    all_txt, all_w_woi, all_mask = gather(txt), gather(w_woi), gather(txt_mask)
+    img_to_txt = max_similarity(img, all_txt, w_poi, all_w_woi, all_mask, backend=backend) * scale  # (B, RB)
+    txt_to_img = (
+        max_similarity(all_img, txt, all_w_poi, w_woi, txt_mask, backend=backend).T * scale
+    )  # (B, RB)
+    offset = dist.get_rank() * img.shape[0] if all_img.shape[0] != img.shape[0] else 0
+    targets = torch.arange(offset, offset + img.shape[0], device=img.device)
+    return symmetric_cross_entropy(img_to_txt, txt_to_img, targets)

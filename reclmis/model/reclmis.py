@@ -3,7 +3,7 @@ Interaction, trained with conditioned reconstruction (CVR, CLR) and the conditio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,11 +37,20 @@ class RecLMISOutput:
 
 
 class RecLMIS(nn.Module):
-    def __init__(self, config: RecLMISConfig, tokenizer: NoteTokenizer | None = None) -> None:
+    def __init__(
+        self,
+        config: RecLMISConfig,
+        tokenizer: NoteTokenizer | None = None,
+        text_encoder: TextEncoder | None = None,
+    ) -> None:
+        """``text_encoder`` defaults to the pretrained directory ``config.text_encoder`` or, without one,
+        to a CLIP text tower sized by the preset and trained from scratch."""
         super().__init__()
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
+        # set by the trainer under torchrun: gathers CCL features over ranks (global-batch contrastive loss)
+        self.feature_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
         c, width = config.base_channels, config.visual_width
         self.encoder = UNetEncoder(config.in_channels, c)
         self.decoder = UNetDecoder(c)
@@ -49,12 +58,11 @@ class RecLMIS(nn.Module):
             return
         if tokenizer is None:
             raise ValueError("a tokenizer is required when config.use_text is on")
-        if config.text_encoder is not None:
-            self.text_encoder = TextEncoder.from_pretrained(
-                config.text_encoder, config.max_text_len, frozen=config.freeze_text_encoder
+        if text_encoder is None and config.text_encoder is not None:
+            text_encoder = TextEncoder.from_pretrained(
+                config.text_encoder, config.max_text_len, frozen=config.text_encoder_frozen
             )
-        else:
-            self.text_encoder = TextEncoder.from_config(config, tokenizer)
+        self.text_encoder = text_encoder or TextEncoder.from_config(config, tokenizer)
         self.text_projection = nn.Conv1d(self.text_encoder.width, width, kernel_size=3, padding=1)
         self.interaction = ConditionedInteraction(width, config.num_patches, config.interaction_heads)
         self.poi_head = InterestWeights(width)  # W_poi
@@ -161,7 +169,14 @@ class RecLMIS(nn.Module):
         if self.logit_scale is not None:
             scale = contrastive_scale(self.logit_scale, cfg.logit_scale_max)
             losses["ccl"] = conditioned_contrastive_loss(
-                visual, text, w_poi, w_woi, text_mask, scale, backend=cfg.ops_backend
+                visual,
+                text,
+                w_poi,
+                w_woi,
+                text_mask,
+                scale,
+                backend=cfg.ops_backend,
+                gather=self.feature_gather,
             )
         return losses
 

@@ -44,6 +44,14 @@ class TextEncoder(nn.Module):
         return cls(CLIPTextModel(text_config), frozen=False)
 
     @classmethod
+    def from_hf_config(cls, values: dict, frozen: bool) -> TextEncoder:
+        """An encoder of the architecture described by a saved ``CLIPTextConfig`` dict (weights loaded later)."""
+        return cls(CLIPTextModel(CLIPTextConfig.from_dict(values)), frozen=frozen)
+
+    def hf_config(self) -> dict:
+        return self.model.config.to_dict()
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, max_text_len: int, frozen: bool = True) -> TextEncoder:
         """Load a CLIP text model saved with ``save_pretrained`` from local disk (never from the hub)."""
         path = Path(path)

@@ -1,0 +1,148 @@
+"""Evaluation on a dataset split and prediction for one image and note."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from reclmis.data import LViTDataset, load_image
+from reclmis.metrics import DiceIoUMeter, binarize
+from reclmis.model import RecLMIS
+from reclmis.train.trainer import NoteCollator
+from reclmis.viz import error_overlay, heatmap_overlay, mask_overlay, save_png, word_weight_chart
+
+
+@torch.no_grad()
+def evaluate(
+    model: RecLMIS,
+    data_root: str | Path,
+    split: str = "test",
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    save_predictions: str | Path | None = None,
+    per_image_csv: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """Per-image Dice and IoU at threshold 0.5, averaged over the images of ``split``.
+
+    ``save_predictions`` receives, per image, the predicted mask and an overlay (true positives green,
+    false negatives red, false positives blue); ``per_image_csv`` the per-image scores.
+    """
+    model = model.eval().to(device)
+    dataset = LViTDataset(data_root, split, model.config.image_size, cache=False)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=NoteCollator(model.tokenizer))
+    meter = DiceIoUMeter()
+    rows: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    out_dir = Path(save_predictions) if save_predictions is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for batch in tqdm(loader, desc=f"evaluate {split}", disable=not progress, leave=False):
+        images = batch["images"].to(device)
+        ids, mask = (batch[k].to(device) if k in batch else None for k in ("input_ids", "attention_mask"))
+        predicted = binarize(model(images, ids, mask).logits.float(), from_logits=True)
+        target = batch["masks"].to(device) > 0.5
+        dice, iou = meter.update(predicted, target)
+        rows.extend(zip(batch["names"], dice, iou, strict=True))
+        if out_dir is not None:
+            for name, image, pred, true in zip(
+                batch["names"], batch["images"], predicted.cpu(), target.cpu(), strict=True
+            ):
+                stem = Path(name).stem
+                save_png((pred[0].numpy() * 255).astype(np.uint8), out_dir / f"{stem}_mask.png")
+                save_png(
+                    error_overlay(image.permute(1, 2, 0).numpy(), pred[0], true[0]),
+                    out_dir / f"{stem}_overlay.png",
+                )
+    if per_image_csv is not None:
+        with Path(per_image_csv).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "dice", "iou"])
+            writer.writerows((name, f"{float(d):.6f}", f"{float(i):.6f}") for name, d, i in rows)
+    return meter.compute()
+
+
+@dataclass
+class Prediction:
+    probabilities: torch.Tensor  # (S, S) in [0, 1]
+    mask: torch.Tensor  # (S, S) bool
+    image: torch.Tensor  # (3, S, S) in [0, 1], the resized input
+    w_poi: torch.Tensor | None  # (g, g) patches-of-interest weights
+    words: list[str]  # the note's tokens
+    w_woi: torch.Tensor | None  # (len(words),) words-of-interest weights
+
+
+@torch.no_grad()
+def predict(
+    model: RecLMIS, image_path: str | Path, text: str | None, device: torch.device | str = "cpu"
+) -> Prediction:
+    model = model.eval().to(device)
+    cfg = model.config
+    image = load_image(image_path, cfg.image_size)
+    ids = mask = None
+    words: list[str] = []
+    if cfg.use_text:
+        if not text:
+            raise ValueError("--text is required: this model reads a clinical note")
+        ids, mask = model.tokenize([text], device)
+        words = model.tokenizer.tokens(text)[: int(mask.sum())]
+    out = model(image[None].to(device), ids, mask, return_weights=cfg.use_text)
+    probabilities = torch.sigmoid(out.logits.float())[0, 0].cpu()
+    w_poi = out.w_poi[0].view(cfg.grid_size, cfg.grid_size).cpu() if out.w_poi is not None else None
+    w_woi = out.w_woi[0, : len(words)].cpu() if out.w_woi is not None else None
+    return Prediction(probabilities, probabilities >= 0.5, image, w_poi, words, w_woi)
+
+
+def write_prediction(prediction: Prediction, out: str | Path, explain: bool = False) -> list[Path]:
+    """``out`` gets the binary mask; ``<out>_overlay.png`` the mask over the image; with ``explain``,
+    ``<out>_wpoi.png`` the W_poi heatmap and ``<out>_wwoi.png`` the W_woi weight of each word."""
+    out = Path(out)
+    rgb = prediction.image.permute(1, 2, 0).numpy()
+    written = [
+        save_png((prediction.mask.numpy() * 255).astype(np.uint8), out),
+        save_png(mask_overlay(rgb, prediction.mask), out.with_name(f"{out.stem}_overlay.png")),
+    ]
+    if explain:
+        if prediction.w_poi is None:
+            raise ValueError("--explain needs a model with the text branch (W_poi and W_woi)")
+        written.append(
+            save_png(heatmap_overlay(rgb, prediction.w_poi), out.with_name(f"{out.stem}_wpoi.png"))
+        )
+        written.append(
+            save_png(
+                word_weight_chart(prediction.words, prediction.w_woi), out.with_name(f"{out.stem}_wwoi.png")
+            )
+        )
+    return written
+
+
+def write_comparison(first: Prediction, second: Prediction, texts: tuple[str, str], out: str | Path) -> Path:
+    """The segmentations of one image under two notes, side by side (the paper's Fig. 14)."""
+    from PIL import Image, ImageDraw
+
+    panels = [mask_overlay(p.image.permute(1, 2, 0).numpy(), p.mask) for p in (first, second)]
+    height, width = panels[0].shape[:2]
+    caption = 14 * 3
+    canvas = Image.new("RGB", (2 * width + 8, height + caption), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, text) in enumerate(zip(panels, texts, strict=True)):
+        x = i * (width + 8)
+        canvas.paste(Image.fromarray(panel), (x, 0))
+        lines = [text[j : j + max(8, width // 6)] for j in range(0, len(text), max(8, width // 6))][:3]
+        for k, line in enumerate(lines):
+            draw.text((x + 2, height + 2 + 13 * k), line, fill="black")
+    return save_png(np.asarray(canvas), out)
+
+
+def write_metrics_json(metrics: dict[str, float | int], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path

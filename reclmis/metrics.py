@@ -1,0 +1,98 @@
+"""Per-image foreground Dice and IoU, averaged over images (the LViT and RecLMIS evaluation protocol).
+
+Predictions are binarised at probability 0.5 (:func:`binarize`), then each image scores
+``Dice = 2|P & T| / (|P| + |T|)`` and ``IoU = |P & T| / |P | T|``; an image whose mask and prediction are
+both empty scores 1 on both. The dataset score is the mean over images, not over pixels. Everything stays
+on the tensors' device: nothing here reads a value back to the host except :meth:`DiceIoUMeter.compute`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DiceIoUMeter", "binarize", "dice_iou"]
+
+
+def binarize(prediction: torch.Tensor, *, from_logits: bool, threshold: float = 0.5) -> torch.Tensor:
+    """Foreground where the probability is at least ``threshold``.
+
+    ``from_logits=True`` reads ``prediction`` as logits (compared with ``logit(threshold)``, which equals
+    ``sigmoid(prediction) >= threshold`` without computing the sigmoid); otherwise as probabilities.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if not prediction.is_floating_point():
+        raise TypeError(f"prediction must be a floating-point tensor, got {prediction.dtype}")
+    if from_logits:
+        return prediction >= math.log(threshold / (1.0 - threshold))
+    return prediction >= threshold
+
+
+def dice_iou(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice and IoU of boolean masks ``prediction`` and ``target``, shape (B, ...), e.g. (B, 1, H, W).
+
+    Returns two float32 tensors (B,) on the inputs' device. Binarise scores with :func:`binarize` and
+    float masks with ``mask > 0.5`` first: non-boolean inputs raise TypeError, so that probabilities are
+    never counted as foreground by accident.
+    """
+    for name, tensor in (("prediction", prediction), ("target", target)):
+        if tensor.dtype != torch.bool:
+            raise TypeError(
+                f"{name} must be a bool tensor (use binarize(...) for scores, mask > 0.5 for masks), got {tensor.dtype}"
+            )
+    if prediction.shape != target.shape or prediction.ndim < 2:
+        raise ValueError(
+            f"prediction and target must have the same shape (B, ...), got {tuple(prediction.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    if prediction.device != target.device:
+        raise ValueError(f"prediction is on {prediction.device} but target on {target.device}")
+    prediction = prediction.flatten(1)
+    target = target.flatten(1)
+    intersection = (prediction & target).sum(1, dtype=torch.float32)
+    predicted = prediction.sum(1, dtype=torch.float32)
+    actual = target.sum(1, dtype=torch.float32)
+    union = predicted + actual - intersection
+    empty = union == 0
+    dice = torch.where(empty, 1.0, 2.0 * intersection / (predicted + actual).clamp_min(1.0))
+    iou = torch.where(empty, 1.0, intersection / union.clamp_min(1.0))
+    return dice, iou
+
+
+class DiceIoUMeter:
+    """Sums per-image Dice and IoU on the device; :meth:`compute` returns the means.
+
+    ``update`` takes boolean masks (B, ...) and returns that batch's per-image ``(dice, iou)`` (e.g. for a
+    per-image CSV) without a host synchronisation. Under ``torch.distributed`` call :meth:`all_reduce`
+    once before :meth:`compute` to average over every process's images.
+    """
+
+    def __init__(self) -> None:
+        self._sums: torch.Tensor | None = None  # (dice sum, IoU sum, image count), float64
+
+    def reset(self) -> None:
+        self._sums = None
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dice, iou = dice_iou(prediction, target)
+        count = torch.full((), float(dice.numel()), dtype=torch.float64, device=dice.device)
+        batch = torch.stack((dice.sum(dtype=torch.float64), iou.sum(dtype=torch.float64), count))
+        self._sums = batch if self._sums is None else self._sums + batch
+        return dice, iou
+
+    def all_reduce(self) -> None:
+        """Sum the totals over all processes of the default group (no-op outside torch.distributed)."""
+        if self._sums is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self._sums)
+
+    def compute(self) -> dict[str, float | int]:
+        """``{"dice": mean Dice, "iou": mean IoU, "n": images}`` as fractions; raises if no image was seen."""
+        if self._sums is None:
+            raise RuntimeError("DiceIoUMeter.compute() called before any update()")
+        dice_sum, iou_sum, count = self._sums.tolist()
+        if count == 0:
+            raise RuntimeError("DiceIoUMeter.compute() called before any update() with images")
+        return {"dice": dice_sum / count, "iou": iou_sum / count, "n": int(count)}

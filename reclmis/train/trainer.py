@@ -1,0 +1,378 @@
+"""Training loop: Adam + cosine annealing, mixed precision, channels_last, DDP under torchrun, exact resume.
+
+The step never waits for the GPU: losses and Dice accumulate on the device and are read back every
+``log_every`` steps. Rank 0 alone writes logs, progress bars and checkpoints (``last.pt`` every epoch,
+``best.pt`` on a better validation Dice), each written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from reclmis.config import RecLMISConfig, TrainConfig
+from reclmis.data import LViTDataset, TrainAugmentation
+from reclmis.data.tokenizer import NoteTokenizer
+from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
+from reclmis.model import RecLMIS
+from reclmis.train.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from reclmis.train.distributed import (
+    all_gather_with_grad,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
+
+LOSS_TERMS = ("total", "dice", "bce", "t2v", "v2t", "ccl")
+
+
+class NoteCollator:
+    """Stacks images and masks and tokenizes the notes of a batch (runs in the DataLoader workers)."""
+
+    def __init__(self, tokenizer: NoteTokenizer | None) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "images": torch.stack([item["image"] for item in items]),
+            "masks": torch.stack([item["mask"] for item in items]),
+            "names": [item["name"] for item in items],
+            "texts": [item["text"] for item in items],
+        }
+        if self.tokenizer is not None:
+            batch["input_ids"], batch["attention_mask"] = self.tokenizer(batch["texts"])
+        return batch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. "auto": bf16 on CUDA where supported, else fp16; fp32 on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseed torch's generators from (seed, epoch, rank): every epoch's randomness (augmentation,
+    dropout, weighted masking, worker seeds) is a function of these alone, so a run resumed at any epoch
+    boundary, on any world size, continues the same stream."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1))
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    moved["images"] = moved["images"].contiguous(memory_format=memory_format)
+    return moved
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    lr: float
+    train: dict[str, float]
+    val: dict[str, float]
+    seconds: float
+
+
+class Trainer:
+    """Trains RecLMIS on an LViT-layout dataset; ``fit()`` runs to the configured epoch count."""
+
+    def __init__(
+        self,
+        model_config: RecLMISConfig,
+        train_config: TrainConfig,
+        data_root: str | Path,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.model_config = model_config
+        self.cfg = train_config
+        self.out_dir = Path(out_dir)
+        self.device = resolve_device(train_config.device)
+        self.dist = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.autocast_dtype = resolve_precision(train_config.precision, self.device)
+        self.progress = progress and self.dist.is_main
+
+        augmentation = None
+        if train_config.augment != "none":
+            augmentation = TrainAugmentation(geometric=train_config.augment == "full")
+        self.train_set = LViTDataset(
+            data_root,
+            "train",
+            model_config.image_size,
+            cache=train_config.cache_images,
+            transform=augmentation,
+        )
+        self.val_set = LViTDataset(data_root, "val", model_config.image_size, cache=train_config.cache_images)
+
+        if len(self.val_set) < self.dist.world_size:
+            raise ValueError(
+                f"the validation split has {len(self.val_set)} images, fewer than {self.dist.world_size} processes"
+            )
+        state = self._resume_state() if resume else self._check_fresh_run()
+        torch.manual_seed(train_config.seed)  # identical initial weights on every rank
+        self.model = (
+            model_from_state(state)
+            if state is not None
+            else RecLMIS.build(model_config, self.train_set.texts)
+        )
+        if train_config.sync_batchnorm and self.dist.enabled:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        if train_config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        global_ccl = train_config.global_contrastive
+        if global_ccl is None:
+            global_ccl = self.dist.enabled
+        self.model.feature_gather = all_gather_with_grad if global_ccl and self.dist.enabled else None
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(
+            params, lr=train_config.lr, weight_decay=train_config.weight_decay, fused=fused
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=train_config.epochs, eta_min=train_config.min_lr
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.start_epoch = 0
+        self.best_dice = -math.inf
+        self.stale_epochs = 0
+        if state is not None:
+            self._load_state(state)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.dist.enabled
+            else None
+        )
+        self.train_loader = self._loader(self.train_set, train=True)
+        self.val_loader = self._loader(self.val_set, train=False)
+
+    # set-up -------------------------------------------------------------------------------------------
+    def _loader(self, dataset: LViTDataset, train: bool) -> DataLoader:
+        """Training: a DistributedSampler (equal shards, reshuffled per epoch from the seed). Validation:
+        every process scores its own disjoint shard, so no image is counted twice."""
+        if self.cfg.cache_images and self.cfg.num_workers > 0:
+            dataset.preload()  # decoded once, shared by the forked workers
+        if train:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=self.dist.world_size,
+                rank=self.dist.rank,
+                shuffle=True,
+                seed=self.cfg.seed,
+            )
+        else:
+            sampler = list(range(self.dist.rank, len(dataset), self.dist.world_size))
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            collate_fn=NoteCollator(self.model.tokenizer),
+            pin_memory=self.device.type == "cuda",
+            drop_last=train and len(sampler) >= self.cfg.batch_size,  # equal batches for the global CCL
+        )
+
+    def _resume_state(self) -> dict[str, Any]:
+        path = self.out_dir / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {path} to resume from")
+        state = load_checkpoint(path)
+        saved = RecLMISConfig.from_dict(state["model_config"])
+        if saved != self.model_config:
+            changed = sorted(k for k, v in saved.to_dict().items() if self.model_config.to_dict()[k] != v)
+            raise ValueError(f"--resume: the model configuration differs from the checkpoint's in {changed}")
+        return state
+
+    def _check_fresh_run(self) -> None:
+        if (self.out_dir / "last.pt").exists():
+            raise ValueError(
+                f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it or choose another --out"
+            )
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = state["epoch"] + 1
+        self.best_dice = state["best_dice"]
+        self.stale_epochs = state["stale_epochs"]
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        model = self.model
+        return {
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "best_dice": self.best_dice,
+            "stale_epochs": self.stale_epochs,
+            "rng": {"seed": self.cfg.seed, "next_epoch": epoch + 1},
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "tokenizer": model.tokenizer.to_state() if model.tokenizer is not None else None,
+            "text_encoder_config": model.text_encoder.hf_config() if self.model_config.use_text else None,
+        }
+
+    # loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> list[EpochResult]:
+        results = []
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(
+                json.dumps({"model": self.model_config.to_dict(), "train": self.cfg.to_dict()}, indent=2)
+            )
+        writer = self._tensorboard()
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                start = time.perf_counter()
+                seed_epoch(self.cfg.seed, epoch, self.dist.rank)
+                self.train_loader.sampler.set_epoch(epoch)
+                lr = self.optimizer.param_groups[0]["lr"]
+                train = self._train_epoch(epoch)
+                self.scheduler.step()
+                val = self.validate()
+                result = EpochResult(epoch, lr, train, val, time.perf_counter() - start)
+                results.append(result)
+                improved = val["dice"] > self.best_dice
+                self.best_dice = max(self.best_dice, val["dice"])
+                self.stale_epochs = 0 if improved else self.stale_epochs + 1
+                if self.dist.is_main:
+                    self._record(result, writer)
+                    state = self._state(epoch)
+                    save_checkpoint(state, self.out_dir / "last.pt")
+                    if improved:
+                        save_checkpoint(state, self.out_dir / "best.pt")
+                barrier(self.dist)
+                patience = self.cfg.early_stopping_patience
+                if patience and self.stale_epochs >= patience:
+                    if self.dist.is_main:
+                        tqdm.write(f"early stopping: no better validation Dice for {patience} epochs")
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+        return results
+
+    def _forward(self, batch: dict[str, Any], masks: torch.Tensor | None = None):
+        module = self.ddp if self.ddp is not None and self.model.training else self.model
+        with self._autocast():
+            return module(batch["images"], batch.get("input_ids"), batch.get("attention_mask"), masks)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        sums = torch.zeros(len(LOSS_TERMS) + 2, device=self.device)  # loss terms, Dice sum, images
+        logged = torch.zeros_like(sums)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)  # fmt: skip
+        for step, batch in enumerate(bar, start=1):
+            batch = to_device(batch, self.device, self.cfg.channels_last)
+            out = self._forward(batch, batch["masks"])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.losses["total"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            with torch.no_grad():
+                zero = torch.zeros((), device=self.device)
+                terms = torch.stack([out.losses.get(name, zero).detach().float() for name in LOSS_TERMS])
+                n = batch["images"].shape[0]
+                dice = self._batch_dice(out.logits, batch["masks"])
+                sums += torch.cat(
+                    [terms * n, dice.sum().view(1), torch.full((1,), float(n), device=self.device)]
+                )
+            if step % self.cfg.log_every == 0 and self.progress:
+                window = (sums - logged).tolist()  # the only host read of the step, every log_every steps
+                logged.copy_(sums)
+                bar.set_postfix(loss=f"{window[0] / window[-1]:.4f}", dice=f"{window[-2] / window[-1]:.4f}")
+        all_reduce_sum(sums, self.dist)
+        totals = sums.tolist()
+        images = max(totals[-1], 1.0)
+        means = {
+            name: value / images
+            for name, value in zip(LOSS_TERMS, totals, strict=False)
+            if name in out.losses
+        }
+        means["dice_score"] = totals[-2] / images
+        return means
+
+    @staticmethod
+    def _batch_dice(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return dice_iou(binarize(logits.float(), from_logits=True), masks > 0.5)[0]
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        meter = DiceIoUMeter()
+        for batch in self.val_loader:
+            batch = to_device(batch, self.device, self.cfg.channels_last)
+            logits = self._forward(batch).logits
+            meter.update(binarize(logits.float(), from_logits=True), batch["masks"] > 0.5)
+        meter.all_reduce()
+        return {k: float(v) for k, v in meter.compute().items()}
+
+    # logging ------------------------------------------------------------------------------------------
+    def _tensorboard(self):
+        if not self.dist.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _record(self, result: EpochResult, writer) -> None:
+        row = {"epoch": result.epoch + 1, "lr": result.lr, "seconds": round(result.seconds, 2)}
+        row |= {f"train_{k}": v for k, v in result.train.items()}
+        row |= {"val_dice": result.val["dice"], "val_iou": result.val["iou"]}
+        path = self.out_dir / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            out = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                out.writeheader()
+            out.writerow(row)
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key.replace("_", "/", 1), value, result.epoch + 1)
+        writer.flush()
+        tqdm.write(
+            f"epoch {result.epoch + 1}/{self.cfg.epochs}  loss {result.train['total']:.4f}  "
+            f"train dice {result.train['dice_score']:.4f}  val dice {result.val['dice']:.4f}  "
+            f"val iou {result.val['iou']:.4f}  ({result.seconds:.1f}s)"
+        )
