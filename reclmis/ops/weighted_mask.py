@@ -9,18 +9,36 @@ zero-weight valid positions. The drawn positions of x are zeroed:
     x_masked = x * (1 - mask)[..., None]
 
 The reference draws the sample by Gumbel-top-k: the k largest keys log(w_t) + G_t, G_t ~ Gumbel(0, 1),
-are a successive sample without replacement proportional to w.
+are a successive sample without replacement proportional to w. The compiled op
+``torch.ops.reclmis.weighted_mask`` (``csrc/``, loaded from ``reclmis._C`` when it is built) draws the
+same law by an exponential race, E_t / w_t with E_t = -log(U_t) and U_t from a Philox counter keyed by
+(seed, row, position), so that its CPU and CUDA kernels give the same mask for the same seed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from reclmis.ops._checks import check_dim, check_same_device, check_tensor
+from reclmis.ops._checks import check_backend, check_dim, check_same_device, check_tensor
 
 _ZERO_WEIGHT_OFFSET = 1.0e4  # below any log(w) + G with w > 0 (log of the smallest double is -745)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CHECK_WEIGHTS_ENV = "RECLMIS_CHECK_WEIGHTS"
+
+try:
+    from reclmis import _C  # noqa: F401  (loading the library registers torch.ops.reclmis.weighted_mask)
+except ImportError as error:
+    _EXTENSION_ERROR: ImportError | None = error
+else:
+    _EXTENSION_ERROR = None
+
+
+def extension_available() -> bool:
+    """Whether the compiled op (reclmis._C) is built and loaded."""
+    return _EXTENSION_ERROR is None
 
 
 def mask_counts(lengths: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -34,6 +52,13 @@ def draw_seed(seed: int | None) -> int:
     if seed is not None:
         return int(seed)
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def _valid_positions(weight: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    positions = torch.arange(weight.shape[1], device=weight.device)
+    if lengths is None:
+        return torch.ones_like(weight, dtype=torch.bool)
+    return positions[None, :] < lengths.to(weight.device)[:, None]
 
 
 def weighted_mask_reference(
@@ -62,8 +87,9 @@ def weighted_mask_reference(
 
 
 def _validate(x, weight, ratio, lengths) -> None:
-    check_tensor("x", x, 3, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    check_tensor("weight", weight, 2, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    """Checks that need no data: types, shapes, devices and the ratio."""
+    check_tensor("x", x, 3, _FLOAT_DTYPES)
+    check_tensor("weight", weight, 2, _FLOAT_DTYPES)
     check_dim("weight", weight, 0, x.shape[0], "batch of x")
     check_dim("weight", weight, 1, x.shape[1], "tokens of x")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
@@ -76,16 +102,38 @@ def _validate(x, weight, ratio, lengths) -> None:
     check_same_device("x", x, weight=weight, lengths=lengths)
 
 
-def _validate_values(weight: torch.Tensor, lengths: torch.Tensor | None) -> None:
-    """Value checks that read the data (one host sync); the reference always runs them."""
-    t = weight.shape[1]
-    if lengths is not None and bool(((lengths < 0) | (lengths > t)).any()):
-        bad = lengths[(lengths < 0) | (lengths > t)][0].item()
-        raise ValueError(f"lengths must lie in [0, {t}] (tokens of x), found {bad}")
-    finite_nonneg = torch.isfinite(weight) & (weight >= 0)
-    if not bool(finite_nonneg.all()):
-        row = int((~finite_nonneg).any(1).nonzero()[0, 0])
+def _validate_lengths(lengths: torch.Tensor | None, tokens: int) -> None:
+    """lengths in [0, T]: reads the data (one host sync for CUDA lengths)."""
+    if lengths is None:
+        return
+    bad = (lengths < 0) | (lengths > tokens)
+    if bool(bad.any()):
+        raise ValueError(f"lengths must lie in [0, {tokens}] (tokens of x), found {lengths[bad][0].item()}")
+
+
+def _validate_weights(weight: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    """Weights at valid positions finite and >= 0 (padded positions are never read); one host sync."""
+    bad = ~(torch.isfinite(weight) & (weight >= 0)) & _valid_positions(weight, lengths)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0, 0])
         raise ValueError(f"weight must be finite and >= 0; row {row} holds a negative, NaN or infinite value")
+
+
+def _use_extension(backend: str) -> bool:
+    check_backend(backend, ("auto", "reference", "extension"))
+    if backend == "extension" and _EXTENSION_ERROR is not None:
+        raise RuntimeError(
+            "weighted_mask(backend='extension') needs the compiled op reclmis._C, which is not built or does "
+            "not load (`pip install -e .` or `python setup.py build_ext --inplace` builds it): "
+            f"{_EXTENSION_ERROR}"
+        )
+    return backend == "extension" or (backend == "auto" and _EXTENSION_ERROR is None)
+
+
+def _as_int64(seed: int) -> int:
+    """The seed's 64 bits as a signed int64, the op's argument type."""
+    seed %= 2**64
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def weighted_mask(
@@ -96,20 +144,61 @@ def weighted_mask(
     *,
     seed: int | None = None,
     backend: str = "auto",
+    check_weights: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero k = max(1, floor(ratio*len)) valid tokens of x (B,T,C) per row, drawn by weight (B,T) >= 0.
 
     Returns (x_masked, mask) with mask (B,T) bool, True = masked; the gradient flows to x at unmasked
-    positions only. ``seed=None`` draws a seed from torch's default generator. ``backend``: "auto",
-    "reference" or "extension" (the compiled reclmis._C op).
+    positions only. ``lengths`` (B,) int holds the valid prefix lengths (None: all T positions).
+    ``seed=None`` draws a seed from torch's default generator, so torch.manual_seed makes it reproducible.
+
+    ``backend``: "extension" runs the compiled op ``torch.ops.reclmis.weighted_mask`` (CPU and CUDA
+    kernels; the same seed gives the same mask on both devices); "reference" the Gumbel-top-k oracle (the
+    same law from another random stream); "auto" (default) uses the extension on CPU and CUDA whenever
+    ``reclmis._C`` is importable, and falls back to the reference only if the extension is not built.
+
+    Errors: types, shapes, devices and ratio in [0, 1] are always checked. Lengths outside [0, T] and
+    negative, NaN or infinite weights at valid positions (padding is never read) raise a ValueError on
+    CPU and with the reference. The CUDA kernel never syncs the host for them: by default it clamps such
+    a length to [0, T] and counts such a weight as zero; with ``check_weights=True`` it also flags the row
+    on the device, and the op reads the flags back and raises (one sync). ``check_weights=None`` takes
+    the switch from the environment variable RECLMIS_CHECK_WEIGHTS=1, for debugging training runs.
     """
     _validate(x, weight, ratio, lengths)
-    if backend not in ("auto", "reference", "extension"):
-        raise ValueError(f"backend must be one of ('auto', 'reference', 'extension'), got {backend!r}")
-    if backend == "extension":
-        raise RuntimeError(
-            "weighted_mask(backend='extension') needs the compiled reclmis._C op, which arrives with the "
-            "C++/CUDA extension issue; use backend='reference'"
-        )
-    _validate_values(weight, lengths)
-    return weighted_mask_reference(x, weight, ratio, lengths, seed=seed)
+    if not _use_extension(backend):
+        _validate_lengths(lengths, x.shape[1])
+        _validate_weights(weight, lengths)
+        return weighted_mask_reference(x, weight, ratio, lengths, seed=seed)
+    if check_weights is None:
+        check_weights = os.environ.get(CHECK_WEIGHTS_ENV) == "1"
+    return torch.ops.reclmis.weighted_mask(
+        x, weight, float(ratio), lengths, _as_int64(draw_seed(seed)), bool(check_weights)
+    )
+
+
+def _weighted_mask_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ratio: float,
+    lengths: torch.Tensor | None,
+    seed: int,
+    check_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output metadata of the compiled op, for torch.compile and other fake-tensor tracing."""
+    x_masked = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x_masked, weight.new_empty(weight.shape, dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_x: torch.Tensor, grad_mask: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradient to x only, zero at the masked positions; none to the weights (the draw is discrete)."""
+    (mask,) = ctx.saved_tensors
+    return grad_x.masked_fill(mask[..., None], 0), None, None, None, None, None
+
+
+if _EXTENSION_ERROR is None:
+    torch.library.register_fake("reclmis::weighted_mask", _weighted_mask_fake)
+    torch.library.register_autograd("reclmis::weighted_mask", _backward, setup_context=_setup_context)
