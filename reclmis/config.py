@@ -41,6 +41,9 @@ class RecLMISConfig:
     text_encoder: str | None = None  # local Hugging Face directory with a CLIP text model and tokenizer
     freeze_text_encoder: bool = True  # applies to a loaded (pretrained) text encoder only
     interaction_heads: int = 4
+    # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
+    # official code, where the note reaches the decoder only through attention patterns (see README)
+    interaction_residual: bool = True
     recon_layers: int = 3
     recon_heads: int = 4
     recon_dropout: float = 0.1
@@ -48,6 +51,9 @@ class RecLMISConfig:
     img_mask_ratio: float = 0.5
     text_mask_ratio: float = 0.3
     detach_recon_targets: bool = True  # detach W_poi/W_woi and the targets in Eq. 8/10
+    # standardise each target token (LayerNorm without affine, as MAE's normalised-pixel loss): a text tower
+    # trained from scratch can otherwise inflate its features and with them L_V2T; off = raw features
+    normalize_recon_targets: bool = True
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
     loss_weights: LossWeights = field(default_factory=LossWeights)

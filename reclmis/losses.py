@@ -29,13 +29,18 @@ def weighted_reconstruction_loss(
     weight: torch.Tensor,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 8 / 10: mean_b (1/T_b) sum_i W[b, i] * ||x_bi - x_hat_bi||^2 over the T_b valid tokens of row b."""
-    error = (reconstruction.float() - target.float()).pow(2).sum(-1)  # (B, T)
+    """Eq. 8 / 10: mean over rows b of sum_i W[b, i] * mean_c (x_bic - x_hat_bic)^2.
+
+    W (B, T) is a distribution over the valid tokens of each row (W_poi, W_woi), so with uniform weights
+    this is the official code's plain MSE; the paper's (1/T) sum_i W_i ||x_i - x_hat_i||^2 differs from it
+    by the constant factor C/T, which the loss weights of Eq. 11 absorb. Padded tokens (``valid`` False)
+    take no part.
+    """
+    error = (reconstruction.float() - target.float()).pow(2).mean(-1)  # (B, T)
     weighted = weight.float() * error
-    if valid is None:
-        return (weighted.sum(1) / error.shape[1]).mean()
-    weighted = weighted.masked_fill(~valid, 0.0)
-    return (weighted.sum(1) / valid.sum(1).clamp_min(1)).mean()
+    if valid is not None:
+        weighted = weighted.masked_fill(~valid, 0.0)
+    return weighted.sum(1).mean()
 
 
 def symmetric_cross_entropy(

@@ -7,6 +7,8 @@ distributions: W_poi sums to 1 over the N patches, W_woi over the valid tokens o
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,16 +34,35 @@ class MaskedConvBNReLU(nn.Module):
         return out
 
 
+def sincos_position_embedding(num_patches: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine embedding of a square grid, (1, N, C) with unit-variance entries: the learned position
+    embedding starts here rather than at zero, so that at initialisation the words already attend to
+    different patches (from zero, the two attentions of CI start at a symmetric point where every word
+    sees the same mixture of patches, every patch the same mixture of words, and the note cannot reach
+    the decoder)."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches or width % 4:
+        raise ValueError(f"need a square grid and a width divisible by 4, got N={num_patches}, C={width}")
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
+    angles = [axis.flatten()[:, None].float() * freqs[None, :] for axis in (rows, cols)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (N, C)
+    return (table * math.sqrt(2.0))[None]
+
+
 class ConditionedInteraction(nn.Module):
     """CI: E' = MHA(query=E, key/value=V), V' = MHA(query=V, key/value=E'), E' -> Conv1d-BN-ReLU.
 
     V (B, N, C) gets a 1x1 patch embedding and a learned position embedding first. Returns (V', E').
     """
 
-    def __init__(self, width: int, num_patches: int, heads: int, dropout: float = 0.1) -> None:
+    def __init__(
+        self, width: int, num_patches: int, heads: int, dropout: float = 0.1, residual: bool = True
+    ) -> None:
         super().__init__()
+        self.residual = residual
         self.patch_embedding = nn.Conv2d(width, width, kernel_size=1)
-        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.position_embedding = nn.Parameter(sincos_position_embedding(num_patches, width))
         self.dropout = nn.Dropout(dropout)
         self.text_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.image_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
@@ -54,8 +75,12 @@ class ConditionedInteraction(nn.Module):
         v = self.patch_embedding(stage4).flatten(2).transpose(1, 2)  # (B, N, C)
         v = self.dropout(v + self.position_embedding)
         e = self.text_attention(text, v, v, need_weights=False)[0]  # (B, L, C)
-        v = self.image_attention(v, e, e, key_padding_mask=~text_mask, need_weights=False)[0]  # (B, N, C)
-        return v, self.text_refine(e, text_mask)
+        if self.residual:
+            e = e + text
+        v_new = self.image_attention(v, e, e, key_padding_mask=~text_mask, need_weights=False)[0]  # (B, N, C)
+        if self.residual:
+            v_new = v_new + v
+        return v_new, self.text_refine(e, text_mask)
 
 
 class InterestWeights(nn.Module):

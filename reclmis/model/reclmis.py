@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reclmis.config import RecLMISConfig
@@ -64,7 +65,9 @@ class RecLMIS(nn.Module):
             )
         self.text_encoder = text_encoder or TextEncoder.from_config(config, tokenizer)
         self.text_projection = nn.Conv1d(self.text_encoder.width, width, kernel_size=3, padding=1)
-        self.interaction = ConditionedInteraction(width, config.num_patches, config.interaction_heads)
+        self.interaction = ConditionedInteraction(
+            width, config.num_patches, config.interaction_heads, residual=config.interaction_residual
+        )
         self.poi_head = InterestWeights(width)  # W_poi
         self.woi_head = InterestWeights(width)  # W_woi
         recon = dict(
@@ -152,20 +155,15 @@ class RecLMIS(nn.Module):
         if not cfg.conditioned:  # ablation: uniform conditions in place of W_poi / W_woi
             w_poi = torch.full_like(w_poi, 1.0 / w_poi.shape[1])
             w_woi = text_mask.float() / text_mask.sum(1, keepdim=True).clamp_min(1)
-        detach = cfg.detach_recon_targets
         losses: dict[str, torch.Tensor] = {}
         if self.cvr is not None:
             masked, _ = weighted_mask(visual, w_poi.detach(), cfg.img_mask_ratio)
             v_hat = self.cvr(masked, None, text, w_woi, text_mask)
-            losses["t2v"] = weighted_reconstruction_loss(
-                v_hat, visual.detach() if detach else visual, w_poi.detach() if detach else w_poi
-            )
+            losses["t2v"] = weighted_reconstruction_loss(v_hat, *self._targets(visual, w_poi))
         if self.clr is not None:
             masked, _ = weighted_mask(text, w_woi.detach(), cfg.text_mask_ratio, lengths=text_mask.sum(1))
             e_hat = self.clr(masked, text_mask, visual, w_poi, None)
-            losses["v2t"] = weighted_reconstruction_loss(
-                e_hat, text.detach() if detach else text, w_woi.detach() if detach else w_woi, text_mask
-            )
+            losses["v2t"] = weighted_reconstruction_loss(e_hat, *self._targets(text, w_woi), text_mask)
         if self.logit_scale is not None:
             scale = contrastive_scale(self.logit_scale, cfg.logit_scale_max)
             losses["ccl"] = conditioned_contrastive_loss(
@@ -179,6 +177,14 @@ class RecLMIS(nn.Module):
                 gather=self.feature_gather,
             )
         return losses
+
+    def _targets(self, tokens: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction target and weight of Eq. 8 / 10, detached and standardised as configured."""
+        if self.config.detach_recon_targets:
+            tokens, weight = tokens.detach(), weight.detach()
+        if self.config.normalize_recon_targets:
+            tokens = F.layer_norm(tokens.float(), tokens.shape[-1:])
+        return tokens, weight
 
     @staticmethod
     def _segmentation_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:

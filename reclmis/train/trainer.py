@@ -248,7 +248,10 @@ class Trainer:
         }
 
     # loop ---------------------------------------------------------------------------------------------
-    def fit(self) -> list[EpochResult]:
+    def fit(self, epochs: int | None = None) -> list[EpochResult]:
+        """Train to the configured epoch count, or for at most ``epochs`` more epochs in this call (a
+        time-limited job that the next one continues with ``--resume``)."""
+        end = self.cfg.epochs if epochs is None else min(self.cfg.epochs, self.start_epoch + epochs)
         results = []
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +260,7 @@ class Trainer:
             )
         writer = self._tensorboard()
         try:
-            for epoch in range(self.start_epoch, self.cfg.epochs):
+            for epoch in range(self.start_epoch, end):
                 start = time.perf_counter()
                 seed_epoch(self.cfg.seed, epoch, self.dist.rank)
                 self.train_loader.sampler.set_epoch(epoch)

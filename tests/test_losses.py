@@ -1,0 +1,50 @@
+"""Losses of Eq. 6, 8/10 and 11 against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from reclmis.losses import bce_loss, conditioned_contrastive_loss, dice_loss, weighted_reconstruction_loss
+
+
+def test_dice_loss_by_hand() -> None:
+    logits = torch.tensor([[[[10.0, -10.0], [10.0, -10.0]]]])  # probabilities ~1, 0, 1, 0
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    # |P.G| = 1, |P| = 2, |G| = 2 -> 1 - (2 + 1) / (4 + 1)
+    torch.testing.assert_close(dice_loss(logits, target), torch.tensor(1 - 3 / 5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(bce_loss(logits, target), F.binary_cross_entropy_with_logits(logits, target))
+
+
+def test_weighted_reconstruction_is_mse_under_uniform_weights() -> None:
+    x, x_hat = torch.randn(3, 7, 5), torch.randn(3, 7, 5)
+    uniform = torch.full((3, 7), 1 / 7)
+    torch.testing.assert_close(weighted_reconstruction_loss(x_hat, x, uniform), F.mse_loss(x_hat, x))
+
+
+def test_weighted_reconstruction_weights_and_padding() -> None:
+    x = torch.zeros(1, 3, 2)
+    x_hat = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [100.0, 100.0]]])
+    weight = torch.tensor([[0.25, 0.75, 0.0]])
+    valid = torch.tensor([[True, True, False]])
+    expected = 0.25 * 1.0 + 0.75 * 4.0  # the padded token's error takes no part
+    torch.testing.assert_close(weighted_reconstruction_loss(x_hat, x, weight, valid), torch.tensor(expected))
+
+
+def test_conditioned_contrastive_loss_is_symmetric_clip_loss() -> None:
+    torch.manual_seed(0)
+    img, txt = torch.randn(4, 6, 8), torch.randn(4, 5, 8)
+    w_poi, w_woi = torch.softmax(torch.randn(4, 6), -1), torch.softmax(torch.randn(4, 5), -1)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    scale = torch.tensor(math.exp(2.0))
+    loss = conditioned_contrastive_loss(img, txt, w_poi, w_woi, mask, scale, backend="reference")
+    s = torch.zeros(4, 4)
+    for a in range(4):
+        for b in range(4):
+            sim = F.normalize(img[a], dim=-1) @ F.normalize(txt[b], dim=-1).T  # (N, L)
+            s[a, b] = 0.5 * ((w_poi[a] * sim.max(1).values).sum() + (w_woi[b] * sim.max(0).values).sum())
+    logits = s * scale
+    expected = 0.5 * (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4)))
+    torch.testing.assert_close(loss, expected)

@@ -1,0 +1,137 @@
+"""Trainer: checkpoints, exact resume, fresh-run guard, evaluate and predict through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reclmis.cli import main
+from reclmis.config import RecLMISConfig, TrainConfig
+from reclmis.data import make_synthetic
+from reclmis.train import Trainer, load_checkpoint, model_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("data"), size=32, n_train=24, n_val=8, n_test=8, seed=1)
+
+
+def tiny_configs(**train) -> tuple[RecLMISConfig, TrainConfig]:
+    model = RecLMISConfig.preset(
+        "tiny", image_size=32, base_channels=8, text_width=32, text_layers=1, text_heads=2, vocab_size=300
+    )
+    options = dict(epochs=4, batch_size=8, lr=1e-3, num_workers=0, device="cpu", log_every=2, augment="full")
+    return model, TrainConfig(**(options | train))
+
+
+def test_resume_continues_exactly(synthetic, tmp_path) -> None:
+    model_config, train_config = tiny_configs()
+    straight = Trainer(model_config, train_config, synthetic, tmp_path / "straight", progress=False)
+    straight.fit()
+
+    Trainer(model_config, train_config, synthetic, tmp_path / "resumed", progress=False).fit(epochs=2)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    resumed = Trainer(
+        model_config, train_config, synthetic, tmp_path / "resumed", resume=True, progress=False
+    )
+    assert resumed.start_epoch == 2
+    resumed.fit()
+
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
+    rows = list(csv.DictReader((tmp_path / "resumed" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_checkpoint_contents_and_reload(synthetic, tmp_path) -> None:
+    model_config, train_config = tiny_configs(epochs=1)
+    trainer = Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False)
+    trainer.fit()
+    state = load_checkpoint(tmp_path / "run" / "best.pt")
+    expected = {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "rng",
+        "model_config",
+        "train_config",
+        "tokenizer",
+    }
+    assert expected <= set(state)
+    assert not list((tmp_path / "run").glob(".*tmp*"))  # no temporary file left behind
+    model, _ = model_from_checkpoint(tmp_path / "run" / "best.pt")
+    images = torch.rand(2, 3, 32, 32)
+    ids, mask = model.tokenize(["Upper left lung.", "Lower right lung."])
+    with torch.no_grad():
+        reloaded = model(images, ids, mask).logits
+        original = trainer.model.eval()(images, ids, mask).logits
+    torch.testing.assert_close(reloaded, original)
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(synthetic, tmp_path) -> None:
+    model_config, train_config = tiny_configs(epochs=1)
+    Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False).fit()
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(model_config, train_config, synthetic, tmp_path / "other", resume=True, progress=False)
+    changed = model_config.replace(recon_layers=2)
+    with pytest.raises(ValueError, match="recon_layers"):
+        Trainer(changed, train_config, synthetic, tmp_path / "run", resume=True, progress=False)
+
+
+def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--data", str(synthetic), "--preset", "tiny", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "8", "--out", str(run), "--device", "cpu", "--workers", "0",
+            "--set", "model.base_channels=8", "--set", "model.text_layers=1", "--set", "train.augment=none"]  # fmt: skip
+    assert main(args) == 0
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file() and (run / "metrics.csv").is_file()
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["base_channels"] == 8 and saved["train"]["augment"] == "none"
+
+    out_json, overlays = tmp_path / "eval.json", tmp_path / "pred"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(synthetic), "--json",
+                 str(out_json), "--save-predictions", str(overlays), "--per-image-csv", str(tmp_path / "per.csv"),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    metrics = json.loads(out_json.read_text())
+    assert (
+        set(metrics) == {"dice", "iou", "n"}
+        and metrics["n"] == 8
+        and 0 <= metrics["iou"] <= metrics["dice"] <= 1
+    )
+    assert len(list(overlays.glob("*_overlay.png"))) == 8
+    assert len(list(csv.DictReader((tmp_path / "per.csv").open()))) == 8
+    assert "Dice" in capsys.readouterr().out
+
+    image = next((synthetic / "Test_Folder" / "img").iterdir())
+    out = tmp_path / "p.png"
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), "--image", str(image), "--text",
+                 "Upper left lung.", "--out", str(out), "--explain", "--compare-text", "Lower right lung.",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    for suffix in ("", "_overlay", "_wpoi", "_wwoi", "_compare"):
+        assert (tmp_path / f"p{suffix}.png").is_file(), suffix
+
+
+def test_cli_errors_are_clear(synthetic, tmp_path, capsys) -> None:
+    assert (
+        main(["train", "--data", str(tmp_path / "missing"), "--epochs", "1", "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "missing" in capsys.readouterr().err
+    assert (
+        main(["train", "--data", str(synthetic), "--set", "model.nope=1", "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "nope" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(synthetic)]) == 2
+    assert "none.pt" in capsys.readouterr().err
