@@ -7,8 +7,6 @@ distributions: W_poi sums to 1 over the N patches, W_woi over the valid tokens o
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -34,26 +32,13 @@ class MaskedConvBNReLU(nn.Module):
         return out
 
 
-def sincos_position_embedding(num_patches: int, width: int) -> torch.Tensor:
-    """2-D sine-cosine embedding of a square grid, (1, N, C) with unit-variance entries: the learned position
-    embedding starts here rather than at zero, so that at initialisation the words already attend to
-    different patches (from zero, the two attentions of CI start at a symmetric point where every word
-    sees the same mixture of patches, every patch the same mixture of words, and the note cannot reach
-    the decoder)."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches or width % 4:
-        raise ValueError(f"need a square grid and a width divisible by 4, got N={num_patches}, C={width}")
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    freqs = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
-    angles = [axis.flatten()[:, None].float() * freqs[None, :] for axis in (rows, cols)]
-    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (N, C)
-    return (table * math.sqrt(2.0))[None]
-
-
 class ConditionedInteraction(nn.Module):
-    """CI: E' = MHA(query=E, key/value=V), V' = MHA(query=V, key/value=E'), E' -> Conv1d-BN-ReLU.
+    """CI: E' = E + MHA(query=E, key/value=V), V' = V + MHA(query=V, key/value=E'), E' -> Conv1d-BN-ReLU.
 
     V (B, N, C) gets a 1x1 patch embedding and a learned position embedding first. Returns (V', E').
+    With ``residual=False`` the two sums are dropped, as in the official code: the note then reaches the
+    decoder only through the attention patterns, and a model trained from scratch does not learn to follow
+    it (benchmarks/note_following.py measures both).
     """
 
     def __init__(
@@ -62,7 +47,7 @@ class ConditionedInteraction(nn.Module):
         super().__init__()
         self.residual = residual
         self.patch_embedding = nn.Conv2d(width, width, kernel_size=1)
-        self.position_embedding = nn.Parameter(sincos_position_embedding(num_patches, width))
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches, width))
         self.dropout = nn.Dropout(dropout)
         self.text_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.image_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
@@ -77,10 +62,11 @@ class ConditionedInteraction(nn.Module):
         e = self.text_attention(text, v, v, need_weights=False)[0]  # (B, L, C)
         if self.residual:
             e = e + text
-        v_new = self.image_attention(v, e, e, key_padding_mask=~text_mask, need_weights=False)[0]  # (B, N, C)
-        if self.residual:
-            v_new = v_new + v
-        return v_new, self.text_refine(e, text_mask)
+        attended = self.image_attention(v, e, e, key_padding_mask=~text_mask, need_weights=False)[
+            0
+        ]  # (B, N, C)
+        v = attended + v if self.residual else attended
+        return v, self.text_refine(e, text_mask)
 
 
 class InterestWeights(nn.Module):
