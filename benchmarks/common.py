@@ -43,15 +43,19 @@ def environment(device: str) -> dict[str, Any]:
     except ImportError:
         env["triton"] = None
     try:
+        git = ["git", "-C", str(Path(__file__).parent)]
         env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
+        )
+        env["git_dirty"] = bool(status.stdout.strip())  # uncommitted changes to tracked files
     except (OSError, subprocess.CalledProcessError):
-        env["git_commit"] = None
+        env["git_commit"] = env["git_dirty"] = None
     return env
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -16,7 +17,7 @@ from reclmis.data import LViTDataset, load_image
 from reclmis.metrics import DiceIoUMeter, binarize
 from reclmis.model import RecLMIS
 from reclmis.train.trainer import NoteCollator
-from reclmis.viz import error_overlay, heatmap_overlay, mask_overlay, save_png, word_weight_chart
+from reclmis.viz import enlarge, error_overlay, heatmap_overlay, mask_overlay, save_png, word_weight_chart
 
 
 @torch.no_grad()
@@ -102,43 +103,52 @@ def predict(
 
 def write_prediction(prediction: Prediction, out: str | Path, explain: bool = False) -> list[Path]:
     """``out`` gets the binary mask; ``<out>_overlay.png`` the mask over the image; with ``explain``,
-    ``<out>_wpoi.png`` the W_poi heatmap and ``<out>_wwoi.png`` the W_woi weight of each word."""
+    ``<out>_wpoi.png`` the W_poi heatmap and ``<out>_wwoi.png`` the W_woi weight of each word (the paper's
+    Fig. 13). Figures of small inputs are enlarged to at least 256 pixels."""
     out = Path(out)
     rgb = prediction.image.permute(1, 2, 0).numpy()
     written = [
         save_png((prediction.mask.numpy() * 255).astype(np.uint8), out),
-        save_png(mask_overlay(rgb, prediction.mask), out.with_name(f"{out.stem}_overlay.png")),
+        save_png(enlarge(mask_overlay(rgb, prediction.mask)), out.with_name(f"{out.stem}_overlay.png")),
     ]
     if explain:
         if prediction.w_poi is None:
             raise ValueError("--explain needs a model with the text branch (W_poi and W_woi)")
-        written.append(
-            save_png(heatmap_overlay(rgb, prediction.w_poi), out.with_name(f"{out.stem}_wpoi.png"))
-        )
-        written.append(
-            save_png(
-                word_weight_chart(prediction.words, prediction.w_woi), out.with_name(f"{out.stem}_wwoi.png")
-            )
-        )
+        heatmap = enlarge(heatmap_overlay(rgb, prediction.w_poi))
+        written.append(save_png(heatmap, out.with_name(f"{out.stem}_wpoi.png")))
+        chart = word_weight_chart(prediction.words, prediction.w_woi)
+        written.append(save_png(chart, out.with_name(f"{out.stem}_wwoi.png")))
     return written
 
 
 def write_comparison(first: Prediction, second: Prediction, texts: tuple[str, str], out: str | Path) -> Path:
-    """The segmentations of one image under two notes, side by side (the paper's Fig. 14)."""
-    from PIL import Image, ImageDraw
-
-    panels = [mask_overlay(p.image.permute(1, 2, 0).numpy(), p.mask) for p in (first, second)]
+    """The segmentations of one image under two notes, side by side with the notes beneath (the paper's
+    Fig. 14)."""
+    panels = [enlarge(mask_overlay(p.image.permute(1, 2, 0).numpy(), p.mask)) for p in (first, second)]
     height, width = panels[0].shape[:2]
-    caption = 14 * 3
+    font = ImageFont.load_default()
+    wrapped = [_wrap(text, width - 8, font) for text in texts]
+    caption = 6 + 14 * max(len(lines) for lines in wrapped)
     canvas = Image.new("RGB", (2 * width + 8, height + caption), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (panel, text) in enumerate(zip(panels, texts, strict=True)):
+    for i, (panel, lines) in enumerate(zip(panels, wrapped, strict=True)):
         x = i * (width + 8)
         canvas.paste(Image.fromarray(panel), (x, 0))
-        lines = [text[j : j + max(8, width // 6)] for j in range(0, len(text), max(8, width // 6))][:3]
         for k, line in enumerate(lines):
-            draw.text((x + 2, height + 2 + 13 * k), line, fill="black")
+            draw.text((x + 4, height + 4 + 14 * k), line, fill="black", font=font)
     return save_png(np.asarray(canvas), out)
+
+
+def _wrap(text: str, width: int, font: ImageFont.ImageFont) -> list[str]:
+    """Greedy word wrap to ``width`` pixels."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(candidate) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def write_metrics_json(metrics: dict[str, float | int], path: str | Path) -> Path:

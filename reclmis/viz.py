@@ -157,6 +157,14 @@ def word_weight_chart(
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
+def enlarge(image: ArrayLike, min_side: int = 256) -> np.ndarray:
+    """Scale an RGB picture up by a whole factor (nearest neighbour) until its shorter side is at least
+    ``min_side``, so that small inputs stay legible in figures."""
+    rgb = to_rgb_uint8(image)
+    factor = max(1, -(-min_side // min(rgb.shape[:2])))
+    return rgb.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else rgb
+
+
 def save_png(image: ArrayLike, path: Path | str) -> Path:
     """Write ``image`` (anything :func:`to_rgb_uint8` accepts) as an RGB PNG; parent folders are created."""
     path = Path(path)

@@ -12,6 +12,7 @@ import torch
 from reclmis.cli import main
 from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import make_synthetic
+from reclmis.inference import predict
 from reclmis.train import Trainer, load_checkpoint, model_from_checkpoint
 
 
@@ -121,6 +122,21 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
                  "--device", "cpu"]) == 0  # fmt: skip
     for suffix in ("", "_overlay", "_wpoi", "_wwoi", "_compare"):
         assert (tmp_path / f"p{suffix}.png").is_file(), suffix
+
+
+def test_explanations_depend_on_the_image_and_the_note(synthetic, tmp_path) -> None:
+    model_config, train_config = tiny_configs(epochs=1)
+    Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False).fit()
+    model, _ = model_from_checkpoint(tmp_path / "run" / "best.pt")
+    first, second = sorted((synthetic / "Test_Folder" / "img").iterdir())[:2]
+    a = predict(model, first, "Upper left lung.")
+    b = predict(model, second, "Upper left lung.")
+    c = predict(model, first, "Lower right lung and middle left lung.")
+    # a barely trained model's W_poi is close to uniform, but it must come from the image and the note
+    assert a.w_poi.shape == (2, 2) and not torch.equal(a.w_poi, b.w_poi)
+    assert not torch.equal(a.w_poi, c.w_poi)
+    assert a.words[0] == "<|startoftext|>" and len(a.words) == len(a.w_woi)
+    torch.testing.assert_close(a.w_woi.sum(), torch.tensor(1.0))
 
 
 def test_cli_errors_are_clear(synthetic, tmp_path, capsys) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,8 @@ class Trainer:
             else RecLMIS.build(model_config, self.train_set.texts)
         )
         if train_config.sync_batchnorm and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if train_config.channels_last:
@@ -169,13 +172,13 @@ class Trainer:
         self.stale_epochs = 0
         if state is not None:
             self._load_state(state)
-        self.ddp = (
-            DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        self.ddp = None
+        if self.dist.enabled:
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=model_config.use_text and not model_config.conditioned,  # W heads idle
             )
-            if self.dist.enabled
-            else None
-        )
         self.train_loader = self._loader(self.train_set, train=True)
         self.val_loader = self._loader(self.val_set, train=False)
 
@@ -183,8 +186,10 @@ class Trainer:
     def _loader(self, dataset: LViTDataset, train: bool) -> DataLoader:
         """Training: a DistributedSampler (equal shards, reshuffled per epoch from the seed). Validation:
         every process scores its own disjoint shard, so no image is counted twice."""
-        if self.cfg.cache_images and self.cfg.num_workers > 0:
-            dataset.preload()  # decoded once, shared by the forked workers
+        if self.cfg.num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize after a fork
+            if self.cfg.cache_images:
+                dataset.preload()  # decoded once, shared by the forked workers
         if train:
             sampler = DistributedSampler(
                 dataset,
