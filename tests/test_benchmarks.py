@@ -13,7 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_run_all_quick_on_cpu_writes_json_and_markdown(tmp_path) -> None:
     out = tmp_path / "cpu.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--device", "cpu", "--quick", "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run_all.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(out),
+        ],
         check=True,
         timeout=600,
     )
@@ -25,6 +33,9 @@ def test_run_all_quick_on_cpu_writes_json_and_markdown(tmp_path) -> None:
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| ") >= len(payload["rows"])
     plots = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(out)], check=True, capture_output=True, text=True
+        [sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     assert Path(plots.stdout.splitlines()[0]).is_file()  # the speed-up chart (weighted masking on CPU)

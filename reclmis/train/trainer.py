@@ -148,7 +148,9 @@ class Trainer:
         )
         if train_config.sync_batchnorm and self.dist.enabled:
             if self.device.type != "cuda":
-                raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU)")
+                raise ValueError(
+                    "sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU)"
+                )
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if train_config.channels_last:
