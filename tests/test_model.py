@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from reclmis.config import RecLMISConfig
@@ -205,3 +206,19 @@ def test_bad_inputs_name_the_argument(mutate, error, match) -> None:
 def test_bad_config_names_the_field(overrides, match) -> None:
     with pytest.raises(ValueError, match=match):
         RecLMISConfig.preset("tiny", **overrides)
+
+
+def test_masked_batch_norm_equals_batch_norm_over_valid_tokens() -> None:
+    from reclmis.model.interaction import MaskedBatchNorm1d
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8) * 3 + 1
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    masked, plain = MaskedBatchNorm1d(8), nn.BatchNorm1d(8)
+    for _ in range(2):
+        out = masked.train()(x, mask)
+        torch.testing.assert_close(out[mask], plain.train()(x[mask]))
+        assert (out[~mask] == 0).all()
+    torch.testing.assert_close(masked.running_mean, plain.running_mean)
+    torch.testing.assert_close(masked.running_var, plain.running_var)
+    torch.testing.assert_close(masked.eval()(x, mask)[mask], plain.eval()(x[mask]))

@@ -36,6 +36,9 @@ def test_resume_continues_exactly(synthetic, tmp_path) -> None:
 
     Trainer(model_config, train_config, synthetic, tmp_path / "resumed", progress=False).fit(epochs=2)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    metrics = tmp_path / "resumed" / "metrics.csv"
+    logged = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([*logged, logged[-1].replace("2,", "3,", 1)]) + "\n")  # stopped mid-save
     resumed = Trainer(
         model_config, train_config, synthetic, tmp_path / "resumed", resume=True, progress=False
     )

@@ -17,19 +17,42 @@ def masked_conv1d(conv: nn.Conv1d, x: torch.Tensor, mask: torch.Tensor) -> torch
     return conv(x.transpose(1, 2)).transpose(1, 2)
 
 
+class MaskedBatchNorm1d(nn.Module):
+    """BatchNorm over the valid tokens of x (B, L, C): statistics from masked sums, not from gathering the
+    valid tokens, so the step needs no host synchronisation. Padded positions come out as zeros."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        valid = mask[..., None].to(x.dtype)  # (B, L, 1)
+        if self.training:
+            count = valid.sum().clamp_min(1)
+            mean = (x * valid).sum((0, 1)) / count
+            var = ((x - mean).pow(2) * valid).sum((0, 1)) / count
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * count / (count - 1).clamp_min(1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias) * valid
+
+
 class MaskedConvBNReLU(nn.Module):
     """Conv1d (kernel 3) -> BN -> ReLU over the valid tokens only; padded positions come out as zeros."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
-        self.norm = nn.BatchNorm1d(channels)
+        self.norm = MaskedBatchNorm1d(channels)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        y = masked_conv1d(self.conv, x, mask)  # (B, L, C)
-        out = torch.zeros_like(y)
-        out[mask] = torch.relu(self.norm(y[mask]))  # batch statistics over valid tokens only
-        return out
+        return torch.relu(self.norm(masked_conv1d(self.conv, x, mask), mask))
 
 
 class ConditionedInteraction(nn.Module):

@@ -74,5 +74,8 @@ class TextEncoder(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+        """``attention_mask`` marks a prefix of each row (right padding, as the tokenizer pads). The tower's
+        causal attention never lets a token see later positions, so the padding needs no mask of its own:
+        passing none keeps the transformer on its causal fast path without a host synchronisation."""
+        hidden = self.model(input_ids=input_ids).last_hidden_state
         return hidden * attention_mask[..., None].to(hidden.dtype)

@@ -265,6 +265,7 @@ class Trainer:
             (self.out_dir / "config.json").write_text(
                 json.dumps({"model": self.model_config.to_dict(), "train": self.cfg.to_dict()}, indent=2)
             )
+            self._drop_rows_after(self.start_epoch)
         writer = self._tensorboard()
         try:
             for epoch in range(self.start_epoch, end):
@@ -365,6 +366,22 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _drop_rows_after(self, epochs_done: int) -> None:
+        """Remove metrics.csv rows of epochs that the checkpoint does not hold (a run stopped between
+        logging an epoch and saving it): they are trained again, and logged once."""
+        path = self.out_dir / "metrics.csv"
+        if not path.exists():
+            return
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames, list(reader)
+        kept = [row for row in rows if int(row["epoch"]) <= epochs_done]
+        if len(kept) != len(rows):
+            with path.open("w", newline="") as handle:
+                out = csv.DictWriter(handle, fieldnames=fields)
+                out.writeheader()
+                out.writerows(kept)
 
     def _record(self, result: EpochResult, writer) -> None:
         row = {"epoch": result.epoch + 1, "lr": result.lr, "seconds": round(result.seconds, 2)}
