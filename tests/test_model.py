@@ -222,3 +222,5 @@ def test_masked_batch_norm_equals_batch_norm_over_valid_tokens() -> None:
     torch.testing.assert_close(masked.running_mean, plain.running_mean)
     torch.testing.assert_close(masked.running_var, plain.running_var)
     torch.testing.assert_close(masked.eval()(x, mask)[mask], plain.eval()(x[mask]))
+    assert masked.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way
+    torch.testing.assert_close(masked.num_batches_tracked, plain.num_batches_tracked)

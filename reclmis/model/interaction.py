@@ -19,7 +19,8 @@ def masked_conv1d(conv: nn.Conv1d, x: torch.Tensor, mask: torch.Tensor) -> torch
 
 class MaskedBatchNorm1d(nn.Module):
     """BatchNorm over the valid tokens of x (B, L, C): statistics from masked sums, not from gathering the
-    valid tokens, so the step needs no host synchronisation. Padded positions come out as zeros."""
+    valid tokens, so the step needs no host synchronisation. Padded positions come out as zeros. Its state
+    dict is nn.BatchNorm1d's; ``sync_batchnorm`` leaves it per process (it normalises a handful of words)."""
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
@@ -28,6 +29,7 @@ class MaskedBatchNorm1d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         valid = mask[..., None].to(x.dtype)  # (B, L, 1)
@@ -38,6 +40,7 @@ class MaskedBatchNorm1d(nn.Module):
             with torch.no_grad():
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var * count / (count - 1).clamp_min(1), self.momentum)
+                self.num_batches_tracked.add_(1)
         else:
             mean, var = self.running_mean, self.running_var
         return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias) * valid
