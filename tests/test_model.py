@@ -70,6 +70,21 @@ def test_every_trainable_parameter_gets_a_gradient() -> None:
     assert missing == []
 
 
+def test_mixed_precision_training_step() -> None:
+    """The AMP path of the trainer (bf16 autocast; CPU here, CUDA on a GPU): finite losses and a gradient
+    for every trainable parameter, with parameters and BatchNorm statistics kept in fp32."""
+    model = make_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train()(*make_batch(model))
+    assert all(torch.isfinite(v).all() for v in out.losses.values()), out.losses
+    out.losses["total"].backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    assert missing == []
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}
+
+
 def test_eval_mode_runs_no_training_only_module() -> None:
     model = make_model().eval()
     called: list[str] = []
@@ -224,3 +239,17 @@ def test_masked_batch_norm_equals_batch_norm_over_valid_tokens() -> None:
     torch.testing.assert_close(masked.eval()(x, mask)[mask], plain.eval()(x[mask]))
     assert masked.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way
     torch.testing.assert_close(masked.num_batches_tracked, plain.num_batches_tracked)
+
+
+def test_masked_batch_norm_takes_statistics_in_fp32_for_half_inputs() -> None:
+    from reclmis.model.interaction import MaskedBatchNorm1d
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 18, 8) * 3 + 1
+    mask = torch.arange(18) < torch.randint(1, 19, (32, 1))  # 300+ valid tokens: inexact in bf16
+    full, half = MaskedBatchNorm1d(8), MaskedBatchNorm1d(8)
+    expected = full.train()(x, mask)
+    out = half.train()(x.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16 and half.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(half.running_mean, full.running_mean, atol=0.01, rtol=0.01)

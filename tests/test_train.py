@@ -82,6 +82,17 @@ def test_checkpoint_contents_and_reload(synthetic, tmp_path) -> None:
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
+def test_bf16_autocast_training(synthetic, tmp_path) -> None:
+    """The mixed-precision step of GPU training, run on CPU: finite losses, fp32 weights in the checkpoint."""
+    model_config, train_config = tiny_configs(epochs=1, precision="bf16")
+    trainer = Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False)
+    assert trainer.autocast_dtype == torch.bfloat16
+    (result,) = trainer.fit()
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.train.values()), result.train
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(synthetic, tmp_path) -> None:
     model_config, train_config = tiny_configs(epochs=1)
     Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False).fit()

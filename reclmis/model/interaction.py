@@ -32,18 +32,19 @@ class MaskedBatchNorm1d(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        valid = mask[..., None].to(x.dtype)  # (B, L, 1)
+        valid = mask[..., None].float()  # (B, L, 1); statistics in fp32 whatever the autocast dtype
+        xf = x.float()
         if self.training:
             count = valid.sum().clamp_min(1)
-            mean = (x * valid).sum((0, 1)) / count
-            var = ((x - mean).pow(2) * valid).sum((0, 1)) / count
+            mean = (xf * valid).sum((0, 1)) / count
+            var = ((xf - mean).pow(2) * valid).sum((0, 1)) / count
             with torch.no_grad():
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var * count / (count - 1).clamp_min(1), self.momentum)
                 self.num_batches_tracked.add_(1)
         else:
             mean, var = self.running_mean, self.running_var
-        return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias) * valid
+        return (((xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias) * valid).to(x.dtype)
 
 
 class MaskedConvBNReLU(nn.Module):
