@@ -19,7 +19,6 @@ sweep up to B=128, Nq=784, Nk=77 (mode "reweight", the model's default).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import time
@@ -32,9 +31,9 @@ import torch.nn.functional as F
 from reclmis.ops.conditioned_attention import REWEIGHT_EPS
 
 try:
-    from benchmarks.common import environment, measure, write_results
+    from benchmarks.common import measure, script_parser, write_rows
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import environment, measure, write_results
+    from common import measure, script_parser, write_rows
 
 OP = "conditioned_attention"
 MODES = ("scale", "reweight")
@@ -248,21 +247,9 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    parser.add_argument("--quick", action="store_true", help="paper shapes only, batch 4")
-    parser.add_argument(
-        "--out", help="results file (default benchmarks/results/conditioned_attention_<device>.json)"
-    )
-    args = parser.parse_args()
+    args = script_parser(__doc__, OP, "paper shapes only, batch 4").parse_args()
     rows = run(args.device, args.quick)
-    path = write_results(
-        f"{OP}_{args.device}", {"environment": environment(args.device), "rows": rows}, args.out
-    )
+    path = write_rows(OP, args.device, rows, args.out)
     for row in rows:
         timing = f"{row['median_ms']:9.3f} ms" if row["median_ms"] is not None else f"  {row['error'][:60]}"
         case = f"{row['shape']['name']:28s} {row['mode']:8s} {row['dtype']:8s}"

@@ -17,7 +17,6 @@ of memory is a row with an "error" field.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import pytest
@@ -27,9 +26,9 @@ import torch.nn.functional as F
 from reclmis.ops.max_similarity import max_similarity_reference
 
 try:
-    from benchmarks.common import environment, measure, write_results
+    from benchmarks.common import measure, script_parser, write_rows
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import environment, measure, write_results
+    from common import measure, script_parser, write_rows
 
 OP = "max_similarity"
 N, L, C = 196, 18, 512
@@ -171,21 +170,9 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    parser.add_argument("--quick", action="store_true", help="CPU: batches 4 and 8 only")
-    parser.add_argument(
-        "--out", help="results file (default benchmarks/results/max_similarity_<device>.json)"
-    )
-    args = parser.parse_args()
+    args = script_parser(__doc__, OP, "CPU: batches 4 and 8 only").parse_args()
     rows = run(args.device, args.quick)
-    path = write_results(
-        f"{OP}_{args.device}", {"environment": environment(args.device), "rows": rows}, args.out
-    )
+    path = write_rows(OP, args.device, rows, args.out)
     for row in rows:
         if row["median_ms"] is None:
             result = row["error"][:70]

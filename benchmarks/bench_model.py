@@ -12,16 +12,15 @@ eval-mode graph, text encoder included) at batch 1 and batch 32, fp16 autocast o
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
 import torch
 
 try:
-    from benchmarks.common import environment, measure, write_results
+    from benchmarks.common import measure, script_parser, write_rows
 except ImportError:  # run as a script from benchmarks/
-    from common import environment, measure, write_results
+    from common import measure, script_parser, write_rows
 
 from reclmis.config import RecLMISConfig
 from reclmis.data.tokenizer import NoteTokenizer
@@ -122,21 +121,8 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    rows = run(args.device, args.quick)
-    print(
-        write_results(
-            f"model_{args.device}", {"environment": environment(args.device), "rows": rows}, args.out
-        )
-    )
+    args = script_parser(__doc__, "model", "tiny preset at 64x64, batch 4: a smoke test").parse_args()
+    print(write_rows("model", args.device, run(args.device, args.quick), args.out))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ python benchmarks/bench_weighted_mask.py --device cpu|cuda [--quick] [--threads 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +26,9 @@ from reclmis.ops import weighted_mask, weighted_mask_reference
 from reclmis.ops.weighted_mask import mask_counts
 
 try:
-    from benchmarks.common import environment, measure, write_results
+    from benchmarks.common import measure, script_parser, write_rows
 except ModuleNotFoundError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import environment, measure, write_results
+    from common import measure, script_parser, write_rows
 
 SHAPES = (
     {"B": 32, "T": 196, "C": 512, "ratio": 0.5, "lengths": False},
@@ -178,16 +177,9 @@ def test_bench_weighted_mask_cuda(benchmark, impl: str, shape: dict[str, Any]) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser = script_parser(__doc__, "weighted_mask", "fewer repetitions")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument(
-        "--out", default=None, help="results file (default benchmarks/results/weighted_mask_<device>.json)"
     )
     args = parser.parse_args()
     if args.threads is not None:
@@ -199,9 +191,7 @@ def main() -> None:
             f"T={row['shape']['T']:<4} C={row['shape']['C']:<4} {row['impl']:<12} {row['median_ms']:9.3f} ms"
             f"  x{row['speedup_vs_numpy_loop']:7.1f} vs numpy loop  x{row['speedup_vs_multinomial']:6.1f} vs multinomial{extra}"
         )
-    path = write_results(
-        f"weighted_mask_{args.device}", {"environment": environment(args.device), "rows": rows}, args.out
-    )
+    path = write_rows("weighted_mask", args.device, rows, args.out)
     print(f"wrote {path}")
 
 

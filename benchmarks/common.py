@@ -6,6 +6,7 @@ Every op suite exposes ``run(device: str, quick: bool) -> list[dict]`` (rows as 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -92,3 +93,19 @@ def write_results(name: str, payload: dict[str, Any], out: str | Path | None = N
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def script_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The script mode every op and model benchmark shares: ``--device``, ``--quick``, ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", help=f"results file (default benchmarks/results/{name}_<device>.json)")
+    return parser
+
+
+def write_rows(name: str, device: str, rows: list[dict[str, Any]], out: str | Path | None) -> Path:
+    """A suite's rows with the environment they were measured in, as benchmarks/results/<name>_<device>.json."""
+    return write_results(f"{name}_{device}", {"environment": environment(device), "rows": rows}, out)
