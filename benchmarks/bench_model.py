@@ -121,7 +121,9 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    args = script_parser(__doc__, "model", "tiny preset at 64x64, batch 4: a smoke test").parse_args()
+    args = script_parser(
+        __doc__, "model", "fewer steps; on CPU the tiny preset at 64x64, batch 4 (a smoke test)"
+    ).parse_args()
     print(write_rows("model", args.device, run(args.device, args.quick), args.out))
 
 

@@ -89,10 +89,9 @@ class ConditionedInteraction(nn.Module):
         e = self.text_attention(text, v, v, need_weights=False)[0]  # (B, L, C)
         if self.residual:
             e = e + text
-        attended = self.image_attention(v, e, e, key_padding_mask=~text_mask, need_weights=False)[
-            0
-        ]  # (B, N, C)
-        v = attended + v if self.residual else attended
+        padding = ~text_mask
+        attended = self.image_attention(v, e, e, key_padding_mask=padding, need_weights=False)[0]  # (B, N, C)
+        v = v + attended if self.residual else attended
         return v, self.text_refine(e, text_mask)
 
 

@@ -378,10 +378,12 @@ class Trainer:
             fields, rows = reader.fieldnames, list(reader)
         kept = [row for row in rows if int(row["epoch"]) <= epochs_done]
         if len(kept) != len(rows):
-            with path.open("w", newline="") as handle:
+            tmp = path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as handle:
                 out = csv.DictWriter(handle, fieldnames=fields)
                 out.writeheader()
                 out.writerows(kept)
+            tmp.replace(path)  # the log is never left half-written
 
     def _record(self, result: EpochResult, writer) -> None:
         row = {"epoch": result.epoch + 1, "lr": result.lr, "seconds": round(result.seconds, 2)}
