@@ -687,6 +687,7 @@ def build(
     compile_facts: bool = True,
     device: str = "cpu",
 ) -> dict[str, Any]:
+    env = environment(device)  # the tree as the run starts
     targets = cases(quick, ops)
     start = time.perf_counter()
     counted = count_all(targets, jobs, direct)
@@ -697,7 +698,7 @@ def build(
         captured.append((case, launches))
     count_seconds = time.perf_counter() - start
     payload: dict[str, Any] = {
-        "environment": environment(device),
+        "environment": env,
         "quick": quick,
         "prediction_note": PREDICTION_NOTE,
         "gpus": GPUS,
