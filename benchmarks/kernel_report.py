@@ -561,8 +561,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "## Work per call (executed vs needed) and predicted time",
         "",
-        "Flops: executed `tl.dot` flops (tile padding included) / useful flops of the equation; `/fwd` divides "
-        "by the forward's useful flops. Bytes: issued global loads and stores (Triton + torch ops in the call) "
+        "Flops: executed `tl.dot` flops (tile padding included) / useful flops of the equation; `x fwd useful` "
+        "divides by the forward's useful flops. Bytes: issued global loads and stores (Triton + torch ops in the call) "
         "vs the minimum (inputs read once, outputs written once). Launches: Triton + torch. Predicted us: fused "
         "kernels / eager reference (launch overhead apart).",
         "",
