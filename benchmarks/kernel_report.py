@@ -662,17 +662,26 @@ def compare_markdown(payload: dict[str, Any]) -> list[str]:
             + " |"
         )
     if before.get("compile") and payload.get("compile"):
-        lines += ["", "Largest spill per op, dtype and target (bytes, before -> after):", ""]
+
+        def case_key(r: dict[str, Any]) -> tuple:
+            return (r["op"], r["case"], r["dtype"], r["shape"]["B"])
+
+        common = {case_key(r) for r in before["compile"]} & {case_key(r) for r in payload["compile"]}
+        lines += [
+            "",
+            "Largest spill store per op, dtype and target over the cases of both files (bytes):",
+            "",
+        ]
         for target in ("sm_86", "sm_90"):
-            spills = {}
+            spills: dict[tuple, dict[str, int]] = {}
             for label, rows in (("before", before["compile"]), ("after", payload["compile"])):
                 for r in rows:
-                    f = r[target]
-                    k = (r["op"], r["dtype"])
-                    spills.setdefault(k, {}).setdefault(label, 0)
-                    spills[k][label] = max(spills[k][label], f.get("spill_store_bytes", 0))
+                    if case_key(r) in common:
+                        worst = spills.setdefault((r["op"], r["dtype"]), {}).get(label, 0)
+                        spill = r[target].get("spill_store_bytes", 0)
+                        spills[r["op"], r["dtype"]][label] = max(worst, spill)
             lines += [
-                f"- {target} {op} {dtype}: {s.get('before', '-')} -> {s.get('after', '-')}"
+                f"- {target} {op} {dtype}: {s['before']} -> {s['after']}"
                 for (op, dtype), s in sorted(spills.items())
             ]
     return lines
