@@ -14,12 +14,14 @@ follow the kernels through any redesign.
 What is counted (per program, summed over the grid):
   dot_flops      2*M*N*K of every ``tl.dot`` (padding included), also split by operand class: ``fp16``,
                  ``bf16``, ``tf32``, ``tf32x3`` (three TF32 products on the GPU), ``fp32`` (``ieee``: no tensor
-                 cores, FMA loops), ``int8``, ``fp8``, ``fp64``
+                 cores, FMA loops), ``int8``, ``fp8``, ``fp64``; ``tensor_core_flops`` sums the classes that
+                 run on tensor cores
   load_bytes     bytes of every global load, masked-off elements excluded (gathers count what they fetch)
   store_bytes    likewise for stores; atomics are counted apart (``atomic_ops``, ``atomic_bytes`` read+written)
   torch ops      every aten operation the op runs outside Triton: a launch unless it only makes a view or
                  allocates, its bytes (inputs read, outputs written; in-place destinations count as written),
-                 the flops of matrix products, and host synchronisations (``.item()`` and the like)
+                 the flops of matrix products, and host synchronisations (``.item()``, and operations whose
+                 output size depends on the data, such as ``nonzero``)
 
 ``compile_launches`` compiles each captured launch with its real signature, constexprs, warps and stages for
 ``GPUTarget("cuda", cc, 32)`` with Triton's own compiler and ptxas; no GPU is needed. It runs in a child
@@ -52,13 +54,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT_BYTES = {86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
-TENSOR_CORE_CLASSES = ("fp16", "bf16", "tf32", "tf32x3", "int8", "fp8")
+TENSOR_CORE_CLASSES = ("fp16", "bf16", "tf32", "tf32x3", "int8", "fp8")  # dot classes NVIDIA runs on mma
 
 # aten operations that launch nothing on a GPU: allocation and metadata (views are detected from the schema).
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_", "resize_"}
-_HOST_SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item", "is_nonzero"}
-_TOTALS = ("programs", "dots", "dot_flops", "loads", "load_bytes", "stores", "store_bytes", "atomic_ops",
-           "atomic_bytes", "matmul_flops")  # fmt: skip
+_HOST_SYNC = {"nonzero", "masked_select", "unique", "_unique2", "unique_consecutive", "repeat_interleave"}
+_TOTALS = ("programs", "dots", "dot_flops", "tensor_core_flops", "loads", "load_bytes", "stores", "store_bytes",
+           "atomic_ops", "atomic_bytes", "matmul_flops")  # fmt: skip
 _MATMUL_OPERANDS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2)}
 
 
@@ -155,6 +157,14 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _unique(tensors: Iterator[torch.Tensor]) -> list[torch.Tensor]:
+    """Each view once (an operation reading x twice, as in x * x, reads it once)."""
+    seen = {}
+    for t in tensors:
+        seen.setdefault((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), t)
+    return list(seen.values())
+
+
 def _matmul_class(t: torch.Tensor) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}.get(t.dtype, "fp32")
 
@@ -223,20 +233,17 @@ class WorkRecorder:
     # -- torch side
     def record_torch_op(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         name = func._schema.name.split("::")[-1]
-        if name in _HOST_SYNC:
+        if name == "_local_scalar_dense":  # .item() and the like: a copy to the host, nothing launched
             self.torch_ops.append(TorchOpRecord(name, 0, 0, 0, Counter(), 1))
             return
         if func.is_view or name in _NO_LAUNCH:
             return
-        written_args = {
-            i
-            for i, a in enumerate(func._schema.arguments)
-            if a.alias_info is not None and a.alias_info.is_write
-        }
-        flat = list(args) + list(kwargs.values())
-        written = [t for i, a in enumerate(flat) if i in written_args for t in _tensors(a)]
-        read = [t for i, a in enumerate(flat) if i not in written_args for t in _tensors(a)]
-        outputs = [t for t in _tensors(out) if not any(t is w for w in written)]
+        schema = func._schema.arguments
+        written_names = {a.name for a in schema if a.alias_info is not None and a.alias_info.is_write}
+        named = [(schema[i].name, v) for i, v in enumerate(args)] + list(kwargs.items())
+        written = _unique(t for n, v in named if n in written_names for t in _tensors(v))
+        read = _unique(t for n, v in named if n not in written_names for t in _tensors(v))
+        outputs = _unique(t for t in _tensors(out) if not any(t is w for w in written))
         flops: Counter = Counter()
         if name in _MATMUL_OPERANDS:
             i, j = _MATMUL_OPERANDS[name]
@@ -249,7 +256,7 @@ class WorkRecorder:
                 read_bytes=sum(_distinct_bytes(t) for t in read),
                 write_bytes=sum(_distinct_bytes(t) for t in written + outputs),
                 flops=flops,
-                host_syncs=0,
+                host_syncs=int(name in _HOST_SYNC),  # output size depends on the data
             )
         )
 
@@ -284,6 +291,7 @@ class WorkRecorder:
         for launch in self.launches:
             total["programs"] += launch.programs
             total.update(launch.work)
+        total["tensor_core_flops"] = sum(total[f"dot_flops.{cls}"] for cls in TENSOR_CORE_CLASSES)
         total["triton_load_bytes"] = total["load_bytes"]
         total["triton_store_bytes"] = total["store_bytes"]
         total["torch_read_bytes"] = sum(op.read_bytes for op in self.torch_ops)

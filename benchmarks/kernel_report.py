@@ -460,6 +460,7 @@ def work_rows(case: Case, counted: dict[str, Any]) -> tuple[list[dict[str, Any]]
                 "torch_launches": kernel.get("torch_launches", 0),
                 "host_syncs": kernel.get("host_syncs", 0),
                 "dot_flops": kernel.get("dot_flops", 0),
+                "tensor_core_flops": kernel.get("tensor_core_flops", 0),
                 "useful_flops": r["useful_flops"],
                 "fwd_useful_flops": fwd_useful,
                 "dot_flops_per_useful": kernel.get("dot_flops", 0) / r["useful_flops"],
@@ -713,7 +714,9 @@ def build(
         "gpus": GPUS,
         "launch_overhead_us_per_launch": LAUNCH_OVERHEAD_US,
         "definitions": {
-            "dot_flops": "2*M*N*K of every tl.dot each program executes (tile padding included)",
+            "dot_flops": "2*M*N*K of every tl.dot each program executes (tile padding included); "
+            "tensor_core_flops: those of dots on fp16/bf16/tf32/tf32x3/int8/fp8 operands (fp32 'ieee' dots "
+            "run without tensor cores)",
             "useful_flops": "the equation's matrix products at the tensor shapes (padded tokens inside a "
             "sequence not subtracted); attention fwd 4*B*H*Nq*Nk*D, bwd 8*B*H*Nq*Nk*D (dP, dQ, dK, dV); "
             "max-similarity fwd 2*Bi*Bt*N*L*C, bwd 4*Bi*Bt*(N+L)*C (one C-vector per selected pair, both ways)",

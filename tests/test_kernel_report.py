@@ -80,6 +80,7 @@ def test_counters_equal_hand_counts_on_a_handwritten_kernel() -> None:
     assert totals["programs"] == 3
     assert totals["dots"] == 2
     assert totals["dot_flops"] == totals["dot_flops.fp16"] == 2 * (2 * 16 * 16 * 16)  # padding included
+    assert totals["tensor_core_flops"] == totals["dot_flops"]
     assert totals["triton_load_bytes"] == (m * k + 2 * k * n) * 2  # x once, y once per program
     assert totals["triton_store_bytes"] == m * n * 4
     assert totals["torch_read_bytes"] == m * n * 4 and totals["torch_write_bytes"] == n * 4
