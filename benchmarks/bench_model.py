@@ -6,14 +6,16 @@ extension) against the same model with every op on its reference backend (the of
 each in fp32 and with autocast (bf16 where supported, else fp16 with a grad scaler). Inference (ms/image,
 eval-mode graph, text encoder included) at batch 1 and batch 32, fp16 autocast on CUDA.
 
-torch.compile side by side with eager, in the same process and alternating rounds: on CUDA the fused model
-of the training rows compiled with "reduce-overhead" (CUDA graphs; what ``train.compile`` picks on one
-GPU), training in fp32 and autocast and inference at batch 1; on CPU the small preset at 224x224, batch 4,
-inductor's default mode (left out of --quick: compiling takes minutes on a few cores). The first compiled
-step's time (tracing, code generation, graph recording) is reported as compile_s.
+With ``--compile``: eager and torch.compile side by side, in the same process, in alternating rounds (a
+change in the machine's load hits both alike). On CUDA the fused model of the training rows compiled with
+"reduce-overhead" (CUDA graphs, what ``train.compile`` picks on one GPU), training in fp32 and autocast
+beside the reference row, and inference at batch 1; on CPU the small preset at 224x224, batch 4, in
+inductor's default mode (--quick: the tiny preset at 64x64). Each variant's first call (for the compiled
+one: tracing and code generation, forward and backward) is timed on its own as first_call_s; the warm-up
+calls that follow (CUDA graph recording) are not timed.
 
     python benchmarks/bench_model.py --device cuda --out benchmarks/results/model_cuda.json
-    python benchmarks/bench_model.py --device cpu --compile-only --out benchmarks/results/model_compile_cpu.json
+    python benchmarks/bench_model.py --device cpu --compile --out benchmarks/results/model_compile_cpu.json
     python benchmarks/bench_model.py --device cpu --quick          # tiny preset, small batch: a smoke test
 """
 
@@ -116,33 +118,41 @@ def compiled_side_by_side(
 
 
 def compile_comparison(device: str, quick: bool) -> list[dict]:
-    """Training steps (and, on CUDA, batch-1 inference) eager and compiled, side by side."""
+    """Training steps (and, on CUDA, batch-1 inference) eager and compiled, side by side; on CUDA also the
+    reference row (fp32, reference ops, eager: the official configuration) that the GPU goal divides by."""
     if device == "cuda":
         preset, image_size, tokens, batch = "paper", 224, 18, 32
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         precisions = [("fp32", None), (str(amp).removeprefix("torch."), amp)]
         reps, rounds = (5, 2) if quick else (10, 3)
     else:
-        preset, image_size, tokens, batch = "small", 224, 18, 4
-        precisions, reps, rounds = [("fp32", None)], 3, 3
+        preset, image_size, tokens, batch = ("tiny", 64, 18, 4) if quick else ("small", 224, 18, 4)
+        precisions, reps, rounds = [("fp32", None)], 3, (2 if quick else 3)
     mode = resolve_compile_mode("auto", torch.device(device), distributed=False)
-    shape = {"preset": preset, "image_size": image_size, "tokens": tokens}
+    shape = {"preset": preset, "image_size": image_size, "tokens": tokens, "batch": batch}
     rows: list[dict] = []
     for name, dtype in precisions:
         model = _model(preset, image_size, tokens, "auto", device).train()
-        net = torch.compile(model, mode=mode)
         runs = {
-            "eager": _training_step(model, model, batch, device, dtype, compiled=False),
-            "compiled": _training_step(model, net, batch, device, dtype, compiled=True),
+            "fused_eager": _training_step(model, model, batch, device, dtype, compiled=False),
+            "fused_compiled": _training_step(
+                model, torch.compile(model, mode=mode), batch, device, dtype, True
+            ),
         }
+        if device == "cuda" and dtype is None:
+            reference = _model(preset, image_size, tokens, "reference", device).train()
+            runs["reference_eager"] = _training_step(reference, reference, batch, device, None, False)
         results = compiled_side_by_side(runs, device, reps, rounds)
         for impl, result in results.items():
-            rows.append({"op": "model_training", "impl": f"fused_{impl}", "pass": "train_step", "dtype": name,
-                         "shape": shape | {"batch": batch}, "compile_mode": mode if impl == "compiled" else None,
+            rows.append({"op": "model_training", "impl": impl, "pass": "train_step", "dtype": name, "shape": shape,
+                         "compile_mode": mode if impl.endswith("compiled") else None,
                          "images_per_s": batch / result["median_ms"] * 1e3, **result,
-                         "speedup_vs_eager": results["eager"]["median_ms"] / result["median_ms"]})  # fmt: skip
+                         "speedup_vs_eager": results["fused_eager"]["median_ms"] / result["median_ms"]})  # fmt: skip
+    baseline = next((r for r in rows if r["impl"] == "reference_eager"), None)
+    for row in rows if baseline is not None else []:
+        row["speedup_vs_reference_fp32"] = row["images_per_s"] / baseline["images_per_s"]
     if device == "cuda":
-        rows += _compiled_inference(preset, image_size, tokens, mode, reps, rounds, shape)
+        rows += _compiled_inference(preset, image_size, tokens, mode, reps, rounds, shape | {"batch": 1})
     return rows
 
 
@@ -160,11 +170,11 @@ def _compiled_inference(preset, image_size, tokens, mode, reps, rounds, shape) -
 
         return forward
 
-    results = compiled_side_by_side({"eager": run(model), "compiled": run(net)}, "cuda", 3 * reps, rounds)
-    return [{"op": "model_inference", "impl": f"eval_graph_{impl}", "pass": "fwd", "dtype": "fp16",
-             "shape": shape | {"batch": 1}, "compile_mode": mode if impl == "compiled" else None,
-             "ms_per_image": result["median_ms"], **result,
-             "speedup_vs_eager": results["eager"]["median_ms"] / result["median_ms"]}
+    runs = {"eval_graph_eager": run(model), "eval_graph_compiled": run(net)}
+    results = compiled_side_by_side(runs, "cuda", 3 * reps, rounds)
+    return [{"op": "model_inference", "impl": impl, "pass": "fwd", "dtype": "fp16", "shape": shape,
+             "compile_mode": mode if impl.endswith("compiled") else None, "ms_per_image": result["median_ms"],
+             **result, "speedup_vs_eager": results["eval_graph_eager"]["median_ms"] / result["median_ms"]}
             for impl, result in results.items()]  # fmt: skip
 
 
@@ -216,8 +226,6 @@ def run(device: str, quick: bool) -> list[dict]:
     profile = profile_model(_model(preset, image_size, tokens, "reference", "cpu"), tokens, preset)
     rows.append({"op": "model_profile", "impl": "fvcore", "pass": "count", "shape": shape, **profile.to_dict(),
                  "params_training_m": profile.params_training_m})  # fmt: skip
-    if device == "cuda" or not quick:
-        rows += compile_comparison(device, quick)
     return rows
 
 
@@ -226,12 +234,12 @@ def main() -> None:
         __doc__, "model", "fewer steps; on CPU the tiny preset at 64x64, batch 4 (a smoke test)"
     )
     parser.add_argument(
-        "--compile-only",
+        "--compile",
         action="store_true",
-        help="only the eager/compiled side by side (model_compile_<device>)",
+        help="eager and torch.compile side by side instead (results model_compile_<device>.json)",
     )
     args = parser.parse_args()
-    if args.compile_only:
+    if args.compile:
         print(write_rows("model_compile", args.device, compile_comparison(args.device, args.quick), args.out))
     else:
         print(write_rows("model", args.device, run(args.device, args.quick), args.out))

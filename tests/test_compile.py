@@ -8,27 +8,30 @@ which takes minutes on two cores. The ops run their reference backends, weighted
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from reclmis.cli import main
-from reclmis.config import RecLMISConfig
+from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import make_synthetic
 from reclmis.data.tokenizer import NoteTokenizer
 from reclmis.model import RecLMIS
 from reclmis.train import load_checkpoint
+from reclmis.train.compilation import resolve_compile_mode
 
 
-def _tiny_model() -> RecLMIS:
+def _tiny_model(ops_backend: str = "reference", device: str = "cpu") -> RecLMIS:
     config = RecLMISConfig.preset(
         "tiny", image_size=32, base_channels=8, text_width=32, text_layers=1, text_heads=2, vocab_size=300,
-        recon_layers=1, ops_backend="reference",
+        recon_layers=1, ops_backend=ops_backend,
     )  # fmt: skip
     torch.manual_seed(0)
-    return RecLMIS(config, NoteTokenizer.placeholder(config.vocab_size, config.max_text_len)).train()
+    model = RecLMIS(config, NoteTokenizer.placeholder(config.vocab_size, config.max_text_len))
+    return model.to(device).train()
 
 
-def _batch(model: RecLMIS, batch: int = 3) -> tuple[torch.Tensor, ...]:
+def _batch(model: RecLMIS, batch: int = 3, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     cfg = model.config
     g = torch.Generator().manual_seed(1)
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=g)
@@ -37,7 +40,7 @@ def _batch(model: RecLMIS, batch: int = 3) -> tuple[torch.Tensor, ...]:
     mask[1, 6:] = False  # padded notes: the CLR masks by per-row lengths
     mask[2, 3:] = False
     masks = (torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=g) > 0.7).float()
-    return images, ids, mask, masks
+    return tuple(t.to(device) for t in (images, ids, mask, masks))
 
 
 def _step(model, net, batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -89,3 +92,36 @@ def test_cli_train_compile_end_to_end_with_resume(tmp_path, capsys) -> None:
     assert (
         main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--device", "cpu"]) == 0
     )
+
+
+def test_compile_mode_follows_the_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile_mode("auto", cpu, distributed=False) is None  # inductor's default
+    assert resolve_compile_mode("auto", cuda, distributed=False) == "reduce-overhead"
+    assert resolve_compile_mode("auto", cuda, distributed=True) == "max-autotune-no-cudagraphs"
+    assert resolve_compile_mode("max-autotune", cuda, distributed=False) == "max-autotune"
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile_mode="fast")
+    with pytest.raises(ValueError, match="compile_backend must be one of"):
+        TrainConfig(compile_backend="tvm")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_step_is_one_graph_and_replays_in_cuda_graphs() -> None:
+    # the fused kernels (Triton, the CUDA masking) traced into one graph, then captured by "reduce-overhead"
+    model, counter = _tiny_model("auto", "cuda"), CompileCounterWithBackend("inductor")
+    batch = _batch(model, device="cuda")
+    torch.compile(model, backend=counter, fullgraph=True)(*batch).losses["total"].backward()
+    assert counter.frame_count == 1
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):  # warm-up, recording, then replays
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = compiled(*batch).losses["total"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == len(losses)
