@@ -22,6 +22,7 @@ calls that follow (CUDA graph recording) are not timed.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -104,14 +105,17 @@ def compiled_side_by_side(
     in the machine's load hits every variant alike), after their first (compiling) calls and a warm-up."""
     first = {name: _first_call_seconds(fn, device) for name, fn in runs.items()}
     medians: dict[str, list[float]] = {name: [] for name in runs}
+    load_before = os.getloadavg()[0]  # other work on the machine: the 1-minute load average
     for _ in range(rounds):
         for name, fn in runs.items():
             medians[name].append(measure(fn, device, warmup=2, reps=reps)["median_ms"])
+    load = {"load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
     return {
         name: {
             "median_ms": statistics.median(values),
             "round_medians_ms": values,
             "first_call_s": first[name],
+            **load,
         }
         for name, values in medians.items()
     }
