@@ -42,8 +42,8 @@ def compile_module(module: nn.Module, mode: str | None, backend: str) -> nn.Modu
 def compile_notice(bar: tqdm) -> Iterator[None]:
     """Show COMPILING on ``bar`` while torch.compile traces, compiles a backward or records a CUDA graph.
 
-    Uses dynamo's compile-start/end callbacks; where a torch release lacks them, the notice is written once
-    instead, when the bar opens.
+    Uses dynamo's compile-start/end callbacks (``torch._dynamo.callback``, private but present since torch
+    2.2); should a release drop them, the notice is written once instead, when the bar opens.
     """
     from torch._dynamo import callback
 
