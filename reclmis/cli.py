@@ -27,6 +27,7 @@ TRAIN_FLAGS = {  # CLI flag -> (section, field)
     "seed": ("train", "seed"),
     "workers": ("train", "num_workers"),
     "precision": ("train", "precision"),
+    "compile": ("train", "compile"),
 }
 
 
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--workers", type=int, help="DataLoader worker processes")
     train.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the model (CUDA graphs on one GPU; the first steps compile, "
+                       "minutes on CPU); --set train.compile_mode=... picks another mode")  # fmt: skip
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set model.use_text=false")  # fmt: skip
     train.set_defaults(handler=_train)

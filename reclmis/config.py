@@ -142,6 +142,10 @@ PRESETS: dict[str, RecLMISConfig] = {
 }
 
 
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping; the paper's values live in the recipes (configs/*_paper.yaml)."""
@@ -166,12 +170,24 @@ class TrainConfig:
     sync_batchnorm: bool = False
     global_contrastive: bool | None = None  # None: on when the world size is above 1
     cache_images: bool = True
+    # torch.compile the model (off until measured: README, Performance). compile_mode "auto" is
+    # "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on CUDA and
+    # the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick check)
+    compile: bool = False
+    compile_mode: str = "auto"
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.augment not in ("full", "photometric", "none"):
             raise ValueError(f"augment must be full, photometric or none, got {self.augment!r}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
+            )
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -1,4 +1,5 @@
-"""Training loop: Adam + cosine annealing, mixed precision, channels_last, DDP under torchrun, exact resume.
+"""Training loop: Adam + cosine annealing, mixed precision, channels_last, DDP under torchrun, exact resume,
+torch.compile on request (``train.compile``).
 
 The step never waits for the GPU: losses and Dice accumulate on the device and are read back every
 ``log_every`` steps. Rank 0 alone writes logs, progress bars and checkpoints (``last.pt`` every epoch,
@@ -30,6 +31,7 @@ from reclmis.data.tokenizer import NoteTokenizer
 from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
 from reclmis.model import RecLMIS
 from reclmis.train.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from reclmis.train.compilation import compile_module, compile_notice, resolve_compile_mode
 from reclmis.train.distributed import (
     all_gather_with_grad,
     all_reduce_sum,
@@ -181,6 +183,14 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=model_config.use_text and not model_config.conditioned,  # W heads idle
             )
+        # what runs the steps: DDP (training under torchrun) or the model, compiled on request; checkpoints
+        # always save self.model's own state dict
+        self.train_module: nn.Module = self.ddp if self.ddp is not None else self.model
+        self.eval_module: nn.Module = self.model
+        if train_config.compile:
+            mode = resolve_compile_mode(train_config.compile_mode, self.device, self.dist.enabled)
+            self.train_module = compile_module(self.train_module, mode, train_config.compile_backend)
+            self.eval_module = compile_module(self.model, mode, train_config.compile_backend)
         self.train_loader = self._loader(self.train_set, train=True)
         self.val_loader = self._loader(self.val_set, train=False)
 
@@ -299,7 +309,10 @@ class Trainer:
         return results
 
     def _forward(self, batch: dict[str, Any], masks: torch.Tensor | None = None):
-        module = self.ddp if self.ddp is not None and self.model.training else self.model
+        module = self.train_module if self.model.training else self.eval_module
+        if self.cfg.compile:
+            # a new step: CUDA graphs (mode "reduce-overhead") may reuse the previous step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             return module(batch["images"], batch.get("input_ids"), batch.get("attention_mask"), masks)
 
@@ -314,6 +327,13 @@ class Trainer:
         logged = torch.zeros_like(sums)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)  # fmt: skip
+        with self._compile_notice(bar):
+            return self._train_steps(bar, sums, logged)
+
+    def _compile_notice(self, bar: tqdm) -> contextlib.AbstractContextManager:
+        return compile_notice(bar) if self.cfg.compile else contextlib.nullcontext()
+
+    def _train_steps(self, bar: tqdm, sums: torch.Tensor, logged: torch.Tensor) -> dict[str, float]:
         for step, batch in enumerate(bar, start=1):
             batch = to_device(batch, self.device, self.cfg.channels_last)
             out = self._forward(batch, batch["masks"])
@@ -352,10 +372,14 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.model.eval()
         meter = DiceIoUMeter()
-        for batch in self.val_loader:
-            batch = to_device(batch, self.device, self.cfg.channels_last)
-            logits = self._forward(batch).logits
-            meter.update(binarize(logits.float(), from_logits=True), batch["masks"] > 0.5)
+        bar = tqdm(
+            self.val_loader, desc="validation", disable=not self.progress, leave=False, dynamic_ncols=True
+        )
+        with self._compile_notice(bar):
+            for batch in bar:
+                batch = to_device(batch, self.device, self.cfg.channels_last)
+                logits = self._forward(batch).logits
+                meter.update(binarize(logits.float(), from_logits=True), batch["masks"] > 0.5)
         meter.all_reduce()
         return {k: float(v) for k, v in meter.compute().items()}
 
