@@ -134,6 +134,7 @@ def test_text_without_valid_tokens_contributes_nothing():
 
 
 def test_backward_is_deterministic():
+    """No atomics: two forward and backward passes agree bitwise (the text side split over image groups)."""
     inputs, mask = make_inputs(5, 2, 17, 5, 24, torch.float16)
     first, _ = run_both(inputs, mask, normalize=True)
     second, _ = run_both(inputs, mask, normalize=True)
@@ -141,13 +142,58 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_packed_tiles_of_notes_with_different_lengths(normalize, dtype):
+    """Texts share the forward's token tiles and straddle their edges, images straddle its blocks: seven
+    notes of 5 tokens with 5, 3, 1, 0, 2, 5, 4 valid (one valid token next to an empty note) against five
+    images of 20 tokens."""
+    bi, bt, n, l, c = 5, 7, 20, 5, 24
+    cfg = kernels._Config.of(bi, bt, n, l, c, dtype)
+    assert l < cfg.block_l < bt * l and cfg.block_l % l, "several notes per tile, some cut by a tile edge"
+    assert cfg.block_n < bi * n and cfg.block_n % n, "images cut by block edges"
+    inputs, _ = make_inputs(bi, bt, n, l, c, dtype, masked=False)
+    mask = (torch.arange(l)[None] < torch.tensor([5, 3, 1, 0, 2, 5, 4])[:, None]).to(DEVICE)
+    got, want = run_both(inputs, mask, normalize)
+    assert_matches(got, want, inputs)
+    s, _, d_txt, _, d_txt_weight = got
+    assert torch.equal(s[:, 3], torch.zeros_like(s[:, 3]))  # the empty note scores 0
+    assert torch.equal(d_txt[~mask], torch.zeros_like(d_txt[~mask]))
+    assert torch.equal(d_txt_weight[~mask], torch.zeros_like(d_txt_weight[~mask]))
+
+
+def test_wide_channels_stream_the_image_block(monkeypatch):
+    """An image block that does not fit on chip (C > 512 at 64 fp16 tokens) is streamed in channel blocks."""
+    monkeypatch.setattr(kernels, "RESIDENT_BYTES", 0)
+    bi, bt, n, l, c = 3, 4, 30, 7, 80
+    assert not kernels._Config.of(bi, bt, n, l, c, torch.float16).resident
+    inputs, mask = make_inputs(bi, bt, n, l, c, torch.float16)
+    got, want = run_both(inputs, mask, normalize=True)
+    assert_matches(got, want, inputs)
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """Records the overload packets of every op dispatched (custom ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
 def test_op_dispatches_to_the_kernel():
     inputs, mask = make_inputs(2, 3, 9, 4, 16, torch.float32)
-    s = reclmis.ops.max_similarity(*[t.requires_grad_() for t in inputs], mask, backend="triton")
-    assert type(s.grad_fn) is kernels.MaxSimilarityFunction._backward_cls
-    expected = "triton" if DEVICE == "cuda" else "reference"
-    s_auto = reclmis.ops.max_similarity(*inputs, mask, backend="auto")
-    assert (type(s_auto.grad_fn) is kernels.MaxSimilarityFunction._backward_cls) == (expected == "triton")
+    leaves = [t.requires_grad_() for t in inputs]
+    with _DispatchedOps() as dispatched:
+        reclmis.ops.max_similarity(*leaves, mask, backend="triton").sum().backward()
+    fused = {torch.ops.reclmis.max_similarity_forward, torch.ops.reclmis.max_similarity_backward}
+    assert fused <= dispatched.ops
+    with _DispatchedOps() as dispatched:
+        reclmis.ops.max_similarity(*inputs, mask, backend="auto")
+    assert (torch.ops.reclmis.max_similarity_forward in dispatched.ops) == (DEVICE == "cuda")
 
 
 class _LargestAllocation(TorchDispatchMode):
@@ -166,8 +212,8 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_memory_is_linear_in_tokens():
-    """Only the int32 argmax indices (Bi*Bt*(N+L)) and inverse norms are saved, and no op in the forward or
-    backward creates anything near the Bi*Bt*N*L similarity tensor."""
+    """Saved for the backward: the maxima and their argmax indices (Bi*Bt*(N+L) of each) and the inverse
+    norms; no op in the forward or backward creates anything near the Bi*Bt*N*L similarity tensor."""
     bi, bt, n, l, c = 4, 4, 100, 40, 16
     inputs, mask = make_inputs(bi, bt, n, l, c, torch.float32)
     leaves = [t.requires_grad_() for t in inputs]
@@ -178,9 +224,48 @@ def test_memory_is_linear_in_tokens():
     s = reclmis.ops.max_similarity(*leaves, mask, backend="triton")
     inputs_ptrs = {t.data_ptr() for t in leaves}
     saved = [t for t in s.grad_fn.saved_tensors if t.data_ptr() not in inputs_ptrs]
-    int_saved = sum(t.numel() for t in saved if t.dtype == torch.int32)
-    assert int_saved == bi * bt * (n + l)
-    assert sum(t.numel() for t in saved if t.dtype != torch.int32) <= bi * n + bt * l + bt * l  # norms, mask
+    assert sum(t.numel() for t in saved if t.dtype == torch.int32) == bi * bt * (n + l)  # argmax indices
+    maxima_and_norms = bi * bt * (n + l) + bi * n + bt * l
+    assert sum(t.numel() for t in saved if t.dtype == torch.float32) == maxima_and_norms
+    assert sum(t.numel() for t in saved if t.dtype == torch.uint8) == bt * l  # the mask
+
+
+def op_args(bi=2, bt=3, n=9, l=4, c=16, normalize=True):
+    """Arguments of reclmis::max_similarity_forward, and of its backward given that forward's outputs."""
+    inputs, mask = make_inputs(bi, bt, n, l, c, torch.float32)
+    forward = (*inputs, mask.view(torch.uint8), normalize)
+    saved = torch.ops.reclmis.max_similarity_forward(*forward)
+    d_s = torch.randn(bi, bt, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    return forward, (d_s, *inputs, mask.view(torch.uint8), *saved[1:], normalize, [True, True, True, True])
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_custom_ops_pass_opcheck(normalize):
+    """Schema, fake kernels (static and dynamic shapes) and the autograd registration of both custom ops."""
+    forward, backward = op_args(normalize=normalize)
+    forward = tuple(t.detach().clone().requires_grad_() for t in forward[:4]) + forward[4:]
+    torch.library.opcheck(torch.ops.reclmis.max_similarity_forward.default, forward)
+    torch.library.opcheck(torch.ops.reclmis.max_similarity_backward.default, backward)
+
+
+def test_compiled_graph_has_no_break_and_matches_eager():
+    """torch.compile(fullgraph=True) traces the public op, forward and backward, as one graph (the custom ops
+    opaque), with the eager result and gradients."""
+    inputs, mask = make_inputs(3, 4, 20, 6, 16, torch.float32)
+
+    def loss(img, txt, img_weight, txt_weight):
+        s = reclmis.ops.max_similarity(img, txt, img_weight, txt_weight, mask, backend="triton")
+        return (s * torch.arange(s.numel(), device=s.device).view(s.shape)).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss, compiled):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        value = fn(*leaves)
+        value.backward()
+        results.append((value, *[t.grad for t in leaves]))
+    for eager, traced in zip(*results, strict=True):
+        torch.testing.assert_close(traced, eager, atol=0, rtol=0)
 
 
 def paper_inputs(batch, dtype, seed=1):
