@@ -199,35 +199,37 @@ def _sort(keys):
 
 
 @triton.jit
-def _sum_by_destination(src, dest, first, R: tl.constexpr):
-    """out[r] = sum of the rows src[s] whose dest[s] == first + r, for src (S, C), dest (S,) (-1: nowhere) and
-    out (R, C): the sources sorted by destination, a running sum down the sorted rows, and each segment's sum
-    the difference of the running sums at its ends. A fixed order of additions, no atomics; the rounding is
-    relative to the running sum (at most the total of |src|)."""
-    S: tl.constexpr = src.shape[0]
-    taken = dest >= 0
-    order = _sort(tl.where(taken, dest, 1 << 20) * S + tl.arange(0, S)) % S  # distinct keys: a stable sort
-    running = tl.cumsum(tl.gather(src, tl.broadcast_to(order[:, None], src.shape), axis=0), axis=0)
-    local = dest - first
-    counts = tl.histogram(local, R, mask=taken & (local >= 0) & (local < R))  # segment lengths
-    before = tl.sum(tl.where(taken & (local < 0), 1, 0), axis=0)  # sources of earlier destinations
-    ends = before + tl.cumsum(counts, axis=0)
-    shape: tl.constexpr = (R, src.shape[1])
+def _segment_sums(sorted_src, sorted_dest, first, R: tl.constexpr):
+    """out[r] = sum of the rows of sorted_src (S, C) whose destination sorted_dest (S,), non-decreasing, is
+    first + r, for r < R: a running sum down the rows, each segment's sum the difference of the running
+    sums at its ends. A fixed order of additions, no atomics; the rounding is relative to the running sum
+    (at most the total of |src|)."""
+    running = tl.cumsum(sorted_src, axis=0)
+    local = sorted_dest - first
+    counts = tl.histogram(local, R, mask=(local >= 0) & (local < R))  # segment lengths
+    ends = tl.sum((local < 0).to(tl.int32), axis=0) + tl.cumsum(counts, axis=0)
+    shape: tl.constexpr = (R, sorted_src.shape[1])
     upper = tl.gather(running, tl.broadcast_to(tl.maximum(ends - 1, 0)[:, None], shape), axis=0)
     lower = tl.gather(running, tl.broadcast_to(tl.maximum(ends - counts - 1, 0)[:, None], shape), axis=0)
     return tl.where((counts > 0)[:, None], upper - tl.where((ends - counts > 0)[:, None], lower, 0.0), 0.0)
 
 
 @triton.jit
-def _max_similarity_bwd_img_scalars_kernel(
-    img_w_ptr, txt_w_ptr, ds_ptr, row_max_ptr, col_max_ptr, col_arg_ptr,
-    d_img_w_ptr, img_proj_ptr,
+def _max_similarity_bwd_prep_kernel(
+    img_w_ptr, txt_w_ptr, ds_ptr, row_max_ptr, row_arg_ptr, col_max_ptr, col_arg_ptr,
+    d_img_w_ptr, img_proj_ptr, row_keys_ptr, col_keys_ptr,
     Bt, N, L,
-    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    NORMALIZE: tl.constexpr, ROW_KEYS: tl.constexpr, COL_KEYS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """Eq. B1 for wI and the projection <vhat_ai, d vhat_ai> of Eq. B4, for a block of image a's tokens."""
+    """For a block of image a's tokens and every text b: Eq. B1 for wI and the projection <vhat, d vhat> of
+    Eq. B4 from the saved maxima; the block's tokens sorted by the text token they picked (keys
+    jr * BLOCK_R + i - row0, BLOCK_L for none) and, in the first block, the text tokens sorted by the image
+    token that picked them (keys ic * BLOCK_L + j, N for none): the orders of the sums by destination."""
     a = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row0 = tl.program_id(1) * BLOCK_R
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = row0 + offs_r
     row_in = rows < N
     offs_l = tl.arange(0, BLOCK_L)
     w_i = tl.load(img_w_ptr + a * N + rows, mask=row_in, other=0.0).to(tl.float32)
@@ -238,12 +240,19 @@ def _max_similarity_bwd_img_scalars_kernel(
         g = 0.5 * tl.load(ds_ptr + pair)
         row_max = tl.load(row_max_ptr + pair * N + rows, mask=row_in, other=0.0)
         d_w += g * row_max
+        ic = tl.load(col_arg_ptr + pair * L + offs_l, mask=offs_l < L, other=-1)
         if NORMALIZE:
-            ic = tl.load(col_arg_ptr + pair * L + offs_l, mask=offs_l < L, other=-1)
             col = tl.load(col_max_ptr + pair * L + offs_l, mask=offs_l < L, other=0.0)
             w_t = tl.load(txt_w_ptr + b * L + offs_l, mask=ic >= 0, other=0.0).to(tl.float32)
             picked = tl.sum(tl.where(ic[None, :] == rows[:, None], (w_t * col)[None, :], 0.0), axis=1)
             proj += g * (w_i * row_max + picked)
+        if ROW_KEYS:
+            jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1)
+            keys = _sort(tl.where(jr >= 0, jr, BLOCK_L) * BLOCK_R + offs_r)  # distinct keys: a stable sort
+            tl.store(row_keys_ptr + pair * N + rows, keys, mask=row_in)  # the cut-off tail holds only "none"
+        if COL_KEYS:  # kept by the first block
+            keys = _sort(tl.where(ic >= 0, ic, N) * BLOCK_L + offs_l)
+            tl.store(col_keys_ptr + pair * L + offs_l, keys, mask=offs_l < tl.where(row0 == 0, L, 0))
     tl.store(d_img_w_ptr + a * N + rows, d_w, mask=row_in)
     if NORMALIZE:
         tl.store(img_proj_ptr + a * N + rows, proj, mask=row_in)
@@ -252,7 +261,7 @@ def _max_similarity_bwd_img_scalars_kernel(
 @triton.jit
 def _max_similarity_bwd_img_kernel(
     img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, valid_ptr, img_r_ptr, txt_r_ptr, ds_ptr,
-    row_arg_ptr, col_arg_ptr, img_proj_ptr, d_img_ptr,
+    row_arg_ptr, col_keys_ptr, img_proj_ptr, d_img_ptr,
     Bt, N, L, C, eps,
     NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -276,12 +285,16 @@ def _max_similarity_bwd_img_kernel(
         ).to(tl.float32)
         if NORMALIZE:
             e *= tl.load(txt_r_ptr + b * L + offs_l, mask=valid, other=0.0)[:, None]
+        # each image token's best text token
         jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1)
         picked = tl.gather(e, tl.broadcast_to(tl.maximum(jr, 0)[:, None], (BLOCK_R, BLOCK_C)), axis=0)
-        d_hat += tl.where(jr >= 0, g * w_i, 0.0)[:, None] * picked  # each token's best text token
-        ic = tl.load(col_arg_ptr + pair * L + offs_l, mask=offs_l < L, other=-1)
-        w_t = tl.load(txt_w_ptr + b * L + offs_l, mask=ic >= 0, other=0.0).to(tl.float32)
-        d_hat += _sum_by_destination(e * (g * w_t)[:, None], ic, row0, BLOCK_R)  # text tokens that picked it
+        d_hat += tl.where(jr >= 0, g * w_i, 0.0)[:, None] * picked
+        # the text tokens whose best image token it is, in the order of their image token
+        keys = tl.load(col_keys_ptr + pair * L + offs_l, mask=offs_l < L, other=N * BLOCK_L)
+        j = keys % BLOCK_L
+        w_t = tl.load(txt_w_ptr + b * L + j, mask=keys < N * BLOCK_L, other=0.0).to(tl.float32)
+        sources = tl.gather(e, tl.broadcast_to(j[:, None], (BLOCK_L, BLOCK_C)), axis=0) * (g * w_t)[:, None]
+        d_hat += _segment_sums(sources, keys // BLOCK_L, row0, BLOCK_R)
     tile = (a * N + rows)[:, None] * C + cols[None, :]
     tile_mask = row_in[:, None] & (cols < C)[None, :]
     if NORMALIZE:
@@ -294,13 +307,13 @@ def _max_similarity_bwd_img_kernel(
 
 @triton.jit
 def _max_similarity_bwd_txt_kernel(
-    img_ptr, img_w_ptr, txt_w_ptr, img_r_ptr, ds_ptr, row_arg_ptr, col_arg_ptr, d_txt_part_ptr,
+    img_ptr, img_w_ptr, txt_w_ptr, img_r_ptr, ds_ptr, row_keys_ptr, col_arg_ptr, d_txt_part_ptr,
     Bi, Bt, N, L, C, TEXTS, IMAGES_PER_PROGRAM,
     NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Eq. B3 (d ehat) for a tile of TEXTS texts, a block of channels and a group of images: each image block
-    is read once for all the texts of the tile."""
+    """Eq. B3 (d ehat) for a tile of TEXTS texts, a block of channels and a group of images: each block of
+    image tokens is read once for all the texts of the tile."""
     tile = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     group = tl.program_id(2)
@@ -314,34 +327,34 @@ def _max_similarity_bwd_txt_kernel(
         for n0 in range(0, N, BLOCK_R):
             rows = n0 + tl.arange(0, BLOCK_R)
             row_in = rows < N
-            flat = a * N + rows
             v = tl.load(
                 img_ptr + rows[:, None] * C + cols[None, :],
                 mask=row_in[:, None] & (cols < C)[None, :],
                 other=0.0,
             ).to(tl.float32)
             if NORMALIZE:
-                v *= tl.load(img_r_ptr + flat, mask=row_in, other=0.0)[:, None]
-            w_i = tl.load(img_w_ptr + flat, mask=row_in, other=0.0).to(tl.float32)
+                v *= tl.load(img_r_ptr + a * N + rows, mask=row_in, other=0.0)[:, None]
+            v_w = v * tl.load(img_w_ptr + a * N + rows, mask=row_in, other=0.0).to(tl.float32)[:, None]
             for u in range(0, n_texts):
                 b = tile * TEXTS + u
                 pair = a * Bt + b
                 g = 0.5 * tl.load(ds_ptr + pair)
-                jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1)
-                upd = _sum_by_destination(v * (g * w_i)[:, None], jr, 0, BLOCK_L)  # tokens that picked j
+                # the image tokens whose best token is j, in the order of j
+                keys = tl.load(row_keys_ptr + pair * N + rows, mask=row_in, other=BLOCK_L * BLOCK_R)
+                sources = tl.gather(v_w, tl.broadcast_to((keys % BLOCK_R)[:, None], (BLOCK_R, BLOCK_C)), 0)
+                upd = _segment_sums(sources, keys // BLOCK_R, 0, BLOCK_L)
+                # each text token's best image token, when it lies in this block
                 ic = tl.load(col_arg_ptr + pair * L + offs_l, mask=offs_l < L, other=-1)
                 here = (ic >= n0) & (ic < n0 + BLOCK_R)
                 w_t = tl.load(txt_w_ptr + b * L + offs_l, mask=here, other=0.0).to(tl.float32)
                 picked = tl.gather(
                     v, tl.broadcast_to(tl.where(here, ic - n0, 0)[:, None], (BLOCK_L, BLOCK_C)), 0
                 )
-                upd += (g * w_t)[:, None] * picked  # each token's best image token
+                upd = g * (upd + w_t[:, None] * picked)
                 d_hat += tl.where((offs_t == u)[:, None, None], upd[None, :, :], 0.0)
         img_ptr += N * C
-    texts = tile * TEXTS + offs_t
-    out = ((group * Bt + texts.to(tl.int64))[:, None, None] * L + offs_l[None, :, None]) * C + cols[
-        None, None, :
-    ]
+    texts = (tile * TEXTS + offs_t).to(tl.int64)
+    out = ((group * Bt + texts)[:, None, None] * L + offs_l[None, :, None]) * C + cols[None, None, :]
     mask = ((offs_t < n_texts)[:, None, None] & (offs_l < L)[None, :, None]) & (cols < C)[None, None, :]
     tl.store(d_txt_part_ptr + out, d_hat, mask=mask)
 
@@ -514,31 +527,36 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
     cfg = _Config.of(bi, bt, n, l, c, img.dtype)
     d_s = d_s.float().contiguous()
     f32 = {"dtype": torch.float32, "device": img.device}
+    i32 = {"dtype": torch.int32, "device": img.device}
     none = img.new_empty(0)
     d_img, d_txt, d_img_w, d_txt_w = none, none, none, none
     blocks = {"BLOCK_R": cfg.bwd_r, "BLOCK_L": cfg.bwd_l, "num_warps": cfg.num_warps}
-    if needs[0] or needs[2]:
-        d_img_w, img_proj = torch.empty(bi, n, **f32), torch.empty(bi, n, **f32)
-        _max_similarity_bwd_img_scalars_kernel[(bi, triton.cdiv(n, cfg.bwd_r))](
-            img_weight, txt_weight, d_s, row_max, col_max, col_arg, d_img_w, img_proj, bt, n, l,
-            NORMALIZE=normalize and needs[0], **blocks,
+    row_blocks, c_blocks = triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c)
+    if needs[0] or needs[1] or needs[2]:
+        d_img_w = torch.empty(bi, n, **f32)
+        img_proj = torch.empty(bi, n, **f32) if normalize and needs[0] else torch.empty(0, **f32)
+        row_keys = torch.empty(bi, bt, n, **i32) if needs[1] else torch.empty(0, **i32)
+        col_keys = torch.empty(bi, bt, l, **i32) if needs[0] else torch.empty(0, **i32)
+        _max_similarity_bwd_prep_kernel[(bi, row_blocks)](
+            img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg, d_img_w, img_proj, row_keys, col_keys,
+            bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0], **blocks,
         )  # fmt: skip
         d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else none
     if needs[0]:
         d_img = torch.empty_like(img)
-        _max_similarity_bwd_img_kernel[(bi, triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c))](
-            img, txt, img_weight, txt_weight, valid, img_r, txt_r, d_s, row_arg, col_arg, img_proj, d_img,
+        _max_similarity_bwd_img_kernel[(bi, row_blocks, c_blocks)](
+            img, txt, img_weight, txt_weight, valid, img_r, txt_r, d_s, row_arg, col_keys, img_proj, d_img,
             bt, n, l, c, NORM_EPS, NORMALIZE=normalize, BLOCK_C=cfg.bwd_c, **blocks,
         )  # fmt: skip
     if needs[1] or needs[3]:
-        tiles, c_blocks = triton.cdiv(bt, cfg.texts), triton.cdiv(c, cfg.bwd_c)
+        tiles = triton.cdiv(bt, cfg.texts)
         groups = max(1, min(bi, _target_programs(img.device) // (tiles * c_blocks))) if needs[1] else 1
         images_per_program = triton.cdiv(bi, groups)
         groups = triton.cdiv(bi, images_per_program)
         d_txt_part = torch.empty(groups, bt, l, c, **f32) if needs[1] else torch.empty(0, **f32)
         if needs[1]:
             _max_similarity_bwd_txt_kernel[(tiles, c_blocks, groups)](
-                img, img_weight, txt_weight, img_r, d_s, row_arg, col_arg, d_txt_part,
+                img, img_weight, txt_weight, img_r, d_s, row_keys, col_arg, d_txt_part,
                 bi, bt, n, l, c, cfg.texts, images_per_program,
                 NORMALIZE=normalize, BLOCK_T=triton.next_power_of_2(cfg.texts), BLOCK_C=cfg.bwd_c, **blocks,
             )  # fmt: skip
