@@ -351,7 +351,7 @@ def test_gpu_memory_at_batch_256():
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_gpu_compiled_matches_eager(mode):
     """torch.compile with Inductor (and CUDA graphs in "reduce-overhead") around the custom ops, bf16 at the
-    paper shape: one graph, the eager kernels' result and gradients bitwise."""
+    paper shape: one graph, the eager kernels' gradients bitwise."""
     inputs, mask = paper_inputs(32, torch.bfloat16)
     d_s = torch.randn(32, 32, device="cuda")
 
@@ -364,7 +364,8 @@ def test_gpu_compiled_matches_eager(mode):
         leaves = [t.clone().requires_grad_() for t in inputs]
         value = fn(*leaves)
         value.backward()
-        results.append((value.detach().clone(), *[t.grad for t in leaves]))
+        results.append((value.detach().clone(), *[t.grad.clone() for t in leaves]))
     for traced in results[1:]:
-        for a, b in zip(traced, results[0], strict=True):
+        torch.testing.assert_close(traced[0], results[0][0])  # Inductor may sum (S * dS) in another order
+        for a, b in zip(traced[1:], results[0][1:], strict=True):
             assert torch.equal(a, b)
