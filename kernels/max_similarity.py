@@ -1,43 +1,46 @@
 """Fused bidirectional weighted max-similarity (paper Eq. 4-5, DESIGN section 3.2) in Triton.
 
-For image a (tokens vhat_ai, weights wI[a,i]) and text b (valid tokens ehat_bj, weights wT[b,j]), sim_ab = vhat_a ehat_b^T:
+For image a (tokens vhat_ai, weights wI[a,i]) and text b (valid tokens ehat_bj, weights wT[b,j]), with
+sim_ab = vhat_a ehat_b^T:
 
-    S[a, b] = 0.5 * ( sum_i wI[a,i] max_{j valid} sim_ab[i,j] + sum_{j valid} wT[b,j] max_i sim_ab[i,j] )  (Eq. 4-5)
+    S[a,b] = 0.5 * (sum_i wI[a,i] max_{j valid} sim_ab[i,j] + sum_{j valid} wT[b,j] max_i sim_ab[i,j])  (4-5)
 
-with vhat = r * v, r = 1 / max(||v||, eps) (normalize=True), or r = 1.
+where vhat = r * v, r = 1 / max(||v||, eps) (normalize=True), or r = 1.
 
-Forward. Images and texts are both flattened to token rows (Bi*N and Bt*L), so neither N = 196 nor L = 18 is
-padded to a power of two: a program keeps BLOCK_N consecutive image tokens on chip (they may belong to two
-images) and sweeps every text tile of BLOCK_L consecutive text tokens past them (texts straddle tiles), one
-tensor-core dot per tile. Row maxima (Eq. 4) are taken per text segment of the tile, a text that continues in
-the next tile carrying its running maximum; column maxima (Eq. 5) per image segment of the block go to small
-partial buffers that a second kernel reduces, in block order, before it forms S. Saved for the backward:
-the maxima and their argmax indices, O(Bi*Bt*(N+L)):
+Forward: the only tensor-core work. Images and texts are flattened to token rows (Bi*N, Bt*L), so neither
+N = 196 nor L = 18 is padded to a power of two. A program keeps BLOCK_N consecutive image tokens on chip
+(they may belong to two images) and sweeps every tile of BLOCK_L consecutive text tokens past them, one dot
+per tile (texts straddle tiles, so each image block is read once and the texts stream past it). Row maxima
+(Eq. 4) are taken per text segment of a tile, a text cut by the tile's end carrying its running maximum to
+the next tile; column maxima (Eq. 5) per image segment of the block go to small partial buffers that a
+second kernel reduces in block order before it forms S. Saved for the backward, O(Bi*Bt*(N+L)):
 
-    row_max[a,b,i] = max_j sim_ab[i,j], row_arg[a,b,i] = jr   (0 and -1 for a text without valid token)
-    col_max[a,b,j] = max_i sim_ab[i,j], col_arg[a,b,j] = ic   (0 and -1 for a padded token)
+    row_max[a,b,i] = max_j sim_ab[i,j],  row_arg[a,b,i] = jr   (0 and -1 for a text without valid token)
+    col_max[a,b,j] = max_i sim_ab[i,j],  col_arg[a,b,j] = ic   (0 and -1 for a padded token)
 
 Ties go to the first index (the reference's amax splits the gradient evenly; continuous inputs do not tie).
 
-Backward. With g_ab = 0.5 dL/dS[a,b], the derivative of S[a,b] w.r.t. sim_ab is the sparse matrix
-P_ab[i,j] = g_ab (wI[a,i] [j == jr_abi] + wT[b,j] [i == ic_abj]), so no similarity is ever rebuilt:
+Backward: no similarity is rebuilt. With g_ab = 0.5 dL/dS[a,b], the derivative of S[a,b] w.r.t. sim_ab is
+P_ab[i,j] = g_ab (wI[a,i] [j == jr_abi] + wT[b,j] [i == ic_abj]), so
 
-    d wI[a,i] = sum_b g_ab row_max[a,b,i],      d wT[b,j] = sum_a g_ab col_max[a,b,j]                  (B1)
-    d vhat_ai = sum_b g_ab ( wI[a,i] ehat_b,jr + sum_{j: ic_abj = i} wT[b,j] ehat_bj )                   (B2)
-    d ehat_bj = sum_a g_ab ( wT[b,j] vhat_a,ic + sum_{i: jr_abi = j} wI[a,i] vhat_ai )                   (B3)
-    d v = r (d vhat - vhat <vhat, d vhat>),  <vhat_ai, d vhat_ai> = sum_b g_ab (wI[a,i] row_max[a,b,i]
-          + sum_{j: ic_abj = i} wT[b,j] col_max[a,b,j])   (F.normalize's backward; d v = r d vhat if ||v|| <= eps) (B4)
+    d wI[a,i] = sum_b g_ab row_max[a,b,i],      d wT[b,j] = sum_a g_ab col_max[a,b,j]                 (B1)
+    d vhat_ai = sum_b g_ab (wI[a,i] ehat_b,jr + sum_{j: ic_abj = i} wT[b,j] ehat_bj)                    (B2)
+    d ehat_bj = sum_a g_ab (wT[b,j] vhat_a,ic + sum_{i: jr_abi = j} wI[a,i] vhat_ai)                    (B3)
+    d v = r (d vhat - vhat <vhat, d vhat>)   (F.normalize's backward; r d vhat where ||v|| <= eps)      (B4)
 
-and likewise for d e. B1 and the projections of B4 are reductions of saved maxima. B2 and B3 are gathers
-(ehat_b,jr, vhat_a,ic) and sums by destination (the tokens that picked j, or i), computed on chip by sorting
-the sources by destination and a segmented scan: no tensor-core work, no atomics. Every sum runs in a fixed
-order, so two backward passes agree bitwise. The image-side program owns a block of an image's tokens and a
-channel block, and loops over the texts; the text-side program owns a tile of texts and a channel block and
-loops over (a group of) the images, reading each image block once for all the texts of its tile.
+with <vhat_ai, d vhat_ai> = sum_b g_ab (wI[a,i] row_max[a,b,i] + sum_{j: ic_abj = i} wT[b,j] col_max[a,b,j]),
+and likewise for e: B1 and the projections of B4 are reductions of saved maxima. B2 and B3 are gathers of
+the selected tokens (ehat_b,jr, vhat_a,ic) and sums of tokens by destination (the image tokens that picked
+text token j, the text tokens that picked image token i). A prep kernel sorts each pair's sources by
+destination once; the feature kernels gather the sources in that order from tiles they hold on chip and take
+each destination's sum as a difference of running sums. No tensor-core work, no atomics: every sum runs in
+a fixed order, so two backward passes agree bitwise. The image-side program owns a block of an image's
+tokens and a block of channels and loops over the texts; the text-side program owns a tile of texts and a
+block of channels and loops over (a group of) the images, reading each image block once for all its texts.
 
-The two passes are registered as the torch.library custom ops ``reclmis::max_similarity_forward`` and
-``reclmis::max_similarity_backward`` (fake kernels and autograd formula included), so torch.compile traces
-them whole.
+The two passes are the torch.library custom ops ``reclmis::max_similarity_forward`` and
+``reclmis::max_similarity_backward`` (with fake kernels and the autograd formula), so torch.compile traces
+them, and CUDA graphs capture them, whole.
 """
 
 from __future__ import annotations
@@ -445,17 +448,23 @@ class _Config(NamedTuple):
 
     @staticmethod
     def of(bi: int, bt: int, n: int, l: int, c: int, dtype: torch.dtype) -> _Config:
-        """The image block stays on chip through the text sweep when it fits RESIDENT_BYTES (C <= 512 at 64
-        tokens in fp16/bf16, 32 in fp32); text tiles of 16 to 64 tokens are sized to pad Bt*L least. fp32 runs
-        3xTF32 (about fp32 accuracy); fp16/bf16 multiply exactly with fp32 accumulation. The backward works
-        on fp32 tiles of BWD_TILE_ELEMENTS: 32 channels by up to 256 image tokens, and as many texts per
-        tile as fill it."""
+        """fp16/bf16: the image block stays on chip through the text sweep when it fits RESIDENT_BYTES (64
+        tokens up to C = 512, 16 up to C = 2048), text tiles of 16 to 64 tokens sized to pad Bt*L least;
+        exact products, fp32 accumulation. fp32 (3xTF32, about fp32 accuracy, whose split copies of a
+        resident block would not fit) and wider C stream the image block in channel blocks (fp32 text tiles
+        of at most 32 tokens, within the register file). The backward
+        works on fp32 tiles of BWD_TILE_ELEMENTS: 16 channels by up to 256 image tokens, and as many texts
+        per tile as fill it."""
         size = dtype.itemsize
         c_pad = max(16, triton.next_power_of_2(c))
-        fitting = [block for block in (64, 32, 16) if block * c_pad * size <= RESIDENT_BYTES]
+        fitting = [block for block in (64, 32, 16) if size == 2 and block * c_pad * size <= RESIDENT_BYTES]
         resident = bool(fitting)
         block_n = min(fitting[0] if resident else 64, max(16, triton.next_power_of_2(bi * n)))
-        tiles = [block for block in (64, 32, 16) if not resident or block * c_pad * size <= TEXT_TILE_BYTES]
+        tiles = [
+            block
+            for block in (64, 32, 16)[size // 4 :]
+            if not resident or block * c_pad * size <= TEXT_TILE_BYTES
+        ]
         block_l = _least_padded(bt * l, tuple(tiles) or (16,))
         bwd_l = max(16, triton.next_power_of_2(l))
         bwd_c = 16
@@ -516,7 +525,7 @@ def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
     _max_similarity_combine_kernel[(bi, bt)](
         img_weight, txt_weight, valid, row_max, part_max, part_arg, s, col_max, col_arg,
         bt, n, l, bt * l,
-        BLOCK_N=cfg.block_n, SLOTS=cfg.slots, BLOCK_L=cfg.bwd_l, BLOCK_R=min(cfg.bwd_r, 256), num_warps=4,
+        BLOCK_N=cfg.block_n, SLOTS=cfg.slots, BLOCK_L=cfg.bwd_l, BLOCK_R=cfg.bwd_r, num_warps=4,
     )  # fmt: skip
     return s, img_r, txt_r, row_max, row_arg, col_max, col_arg
 
@@ -538,7 +547,8 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
         row_keys = torch.empty(bi, bt, n, **i32) if needs[1] else torch.empty(0, **i32)
         col_keys = torch.empty(bi, bt, l, **i32) if needs[0] else torch.empty(0, **i32)
         _max_similarity_bwd_prep_kernel[(bi, row_blocks)](
-            img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg, d_img_w, img_proj, row_keys, col_keys,
+            img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
+            d_img_w, img_proj, row_keys, col_keys,
             bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0], **blocks,
         )  # fmt: skip
         d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else none
@@ -563,7 +573,8 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
         d_txt = torch.empty_like(txt) if needs[1] else none
         d_txt_w = torch.empty(bt, l, **f32)
         _max_similarity_bwd_txt_finish_kernel[(bt,)](
-            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_arg, col_max, d_txt_part, d_txt, d_txt_w,
+            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_arg, col_max,
+            d_txt_part, d_txt, d_txt_w,
             bi, bt, n, l, c, groups, NORM_EPS,
             NORMALIZE=normalize, FEATURES=needs[1], BLOCK_C=cfg.bwd_c, **blocks,
         )  # fmt: skip
