@@ -142,7 +142,8 @@ def _max_similarity_fwd_kernel(
             if t * L + L <= t0 + BLOCK_L:
                 found = best > float("-inf")
                 tl.store(row_max_ptr + out_rows + t * N, tl.where(found, best, 0.0), mask=row_in)
-                tl.store(row_arg_ptr + out_rows + t * N, tl.where(found, arg, -1), mask=row_in)
+                jr = tl.where(found, arg, -1).to(row_arg_ptr.dtype.element_ty)
+                tl.store(row_arg_ptr + out_rows + t * N, jr, mask=row_in)
             else:
                 open_max, open_arg = best, arg
 
@@ -227,7 +228,7 @@ def _max_similarity_bwd_prep_kernel(
 ):  # fmt: skip
     """For a block of image a's tokens and every text b: Eq. B1 for wI and the projection <vhat, d vhat> of
     Eq. B4 from the saved maxima; the block's tokens sorted by the text token they picked (keys
-    jr * BLOCK_R + i - row0, BLOCK_L for none) and, in the first block, the text tokens sorted by the image
+    jr * BLOCK_R + i - row0, jr = L for none) and, in the first block, the text tokens sorted by the image
     token that picked them (keys ic * BLOCK_L + j, N for none): the orders of the sums by destination."""
     a = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * BLOCK_R
@@ -250,8 +251,9 @@ def _max_similarity_bwd_prep_kernel(
             picked = tl.sum(tl.where(ic[None, :] == rows[:, None], (w_t * col)[None, :], 0.0), axis=1)
             proj += g * (w_i * row_max + picked)
         if ROW_KEYS:
-            jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1)
-            keys = _sort(tl.where(jr >= 0, jr, BLOCK_L) * BLOCK_R + offs_r)  # distinct keys: a stable sort
+            jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1).to(tl.int32)
+            keys = _sort(tl.where(jr >= 0, jr, L) * BLOCK_R + offs_r)  # distinct keys: a stable sort
+            keys = keys.to(row_keys_ptr.dtype.element_ty)
             tl.store(row_keys_ptr + pair * N + rows, keys, mask=row_in)  # the cut-off tail holds only "none"
         if COL_KEYS:  # kept by the first block
             keys = _sort(tl.where(ic >= 0, ic, N) * BLOCK_L + offs_l)
@@ -289,7 +291,7 @@ def _max_similarity_bwd_img_kernel(
         if NORMALIZE:
             e *= tl.load(txt_r_ptr + b * L + offs_l, mask=valid, other=0.0)[:, None]
         # each image token's best text token
-        jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1)
+        jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1).to(tl.int32)
         picked = tl.gather(e, tl.broadcast_to(tl.maximum(jr, 0)[:, None], (BLOCK_R, BLOCK_C)), axis=0)
         d_hat += tl.where(jr >= 0, g * w_i, 0.0)[:, None] * picked
         # the text tokens whose best image token it is, in the order of their image token
@@ -343,7 +345,7 @@ def _max_similarity_bwd_txt_kernel(
                 pair = a * Bt + b
                 g = 0.5 * tl.load(ds_ptr + pair)
                 # the image tokens whose best token is j, in the order of j
-                keys = tl.load(row_keys_ptr + pair * N + rows, mask=row_in, other=BLOCK_L * BLOCK_R)
+                keys = tl.load(row_keys_ptr + pair * N + rows, mask=row_in, other=L * BLOCK_R).to(tl.int32)
                 sources = tl.gather(v_w, tl.broadcast_to((keys % BLOCK_R)[:, None], (BLOCK_R, BLOCK_C)), 0)
                 upd = _segment_sums(sources, keys // BLOCK_R, 0, BLOCK_L)
                 # each text token's best image token, when it lies in this block
@@ -387,7 +389,7 @@ def _max_similarity_bwd_txt_finish_kernel(
             proj += g * w_t * col
             for n0 in range(0, N, BLOCK_R):
                 rows = n0 + tl.arange(0, BLOCK_R)
-                jr = tl.load(row_arg_ptr + pair * N + rows, mask=rows < N, other=-1)
+                jr = tl.load(row_arg_ptr + pair * N + rows, mask=rows < N, other=-1).to(tl.int32)
                 row_max = tl.load(row_max_ptr + pair * N + rows, mask=rows < N, other=0.0)
                 w_i = tl.load(img_w_ptr + a * N + rows, mask=rows < N, other=0.0).to(tl.float32)
                 hit = jr[None, :] == offs_l[:, None]
@@ -483,6 +485,11 @@ class _Config(NamedTuple):
         )
 
 
+def _token_index_dtype(l: int) -> torch.dtype:
+    """Of jr and of the backward's sort keys jr * BLOCK_R + i (BLOCK_R <= 256): int16 while L < 127."""
+    return torch.int16 if l < 127 else torch.int32
+
+
 def _target_programs(device: torch.device) -> int:
     """Programs to aim for when splitting the text-side backward over image groups: a few per SM on a GPU;
     on CPU (the interpreter runs programs one by one) a small stand-in so that tests exercise the split."""
@@ -507,7 +514,8 @@ def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
     i32 = {"dtype": torch.int32, "device": img.device}
     img_r = torch.empty(bi, n, **f32) if normalize else torch.empty(0, **f32)
     txt_r = _inv_norm(txt) if normalize else torch.empty(0, **f32)
-    row_max, row_arg = torch.empty(bi, bt, n, **f32), torch.empty(bi, bt, n, **i32)
+    row_max = torch.empty(bi, bt, n, **f32)
+    row_arg = torch.empty(bi, bt, n, dtype=_token_index_dtype(l), device=img.device)
     col_max, col_arg = torch.empty(bi, bt, l, **f32), torch.empty(bi, bt, l, **i32)
     blocks = triton.cdiv(bi * n, cfg.block_n)
     part_max, part_arg = (
@@ -544,7 +552,7 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
     if needs[0] or needs[1] or needs[2]:
         d_img_w = torch.empty(bi, n, **f32)
         img_proj = torch.empty(bi, n, **f32) if normalize and needs[0] else torch.empty(0, **f32)
-        row_keys = torch.empty(bi, bt, n, **i32) if needs[1] else torch.empty(0, **i32)
+        row_keys = torch.empty(bi, bt, n, dtype=row_arg.dtype, device=img.device) if needs[1] else none
         col_keys = torch.empty(bi, bt, l, **i32) if needs[0] else torch.empty(0, **i32)
         _max_similarity_bwd_prep_kernel[(bi, row_blocks)](
             img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
@@ -590,7 +598,8 @@ def max_similarity_forward(
     img: Tensor, txt: Tensor, img_weight: Tensor, txt_weight: Tensor, valid: Tensor, normalize: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """S (Bi, Bt) and what the backward needs: inverse norms (Bi, N), (Bt, L) (empty without normalize),
-    row_max, row_arg (Bi, Bt, N) and col_max, col_arg (Bi, Bt, L). Inputs contiguous; valid (Bt, L) uint8."""
+    row_max, row_arg (Bi, Bt, N) and col_max, col_arg (Bi, Bt, L), the indices int16 (row_arg while L < 127)
+    or int32. Inputs contiguous; valid (Bt, L) uint8."""
     return _forward(img, txt, img_weight, txt_weight, valid, normalize)
 
 
@@ -604,7 +613,7 @@ def _(img, txt, img_weight, txt_weight, valid, normalize):
         img.new_empty(bi, bt, **f32),
         *norms,
         img.new_empty(bi, bt, n, **f32),
-        img.new_empty(bi, bt, n, **i32),
+        img.new_empty(bi, bt, n, dtype=_token_index_dtype(l)),
         img.new_empty(bi, bt, l, **f32),
         img.new_empty(bi, bt, l, **i32),
     )

@@ -172,6 +172,15 @@ def test_wide_channels_stream_the_image_block(monkeypatch):
     assert_matches(got, want, inputs)
 
 
+def test_long_texts_index_in_int32():
+    """From 127 text tokens on, the argmax over tokens and the backward's sort keys no longer fit int16."""
+    inputs, mask = make_inputs(2, 3, 11, 130, 16, torch.float32)
+    got, want = run_both(inputs, mask, normalize=True)
+    assert_matches(got, want, inputs)
+    row_arg = torch.ops.reclmis.max_similarity_forward(*inputs, mask.view(torch.uint8), True)[4]
+    assert row_arg.dtype == torch.int32
+
+
 class _DispatchedOps(TorchDispatchMode):
     """Records the overload packets of every op dispatched (custom ops included)."""
 
@@ -212,8 +221,8 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_memory_is_linear_in_tokens():
-    """Saved for the backward: the maxima and their argmax indices (Bi*Bt*(N+L) of each) and the inverse
-    norms; no op in the forward or backward creates anything near the Bi*Bt*N*L similarity tensor."""
+    """Saved for the backward: the maxima and their argmax indices (Bi*Bt*(N+L) of each; int16 over L < 127
+    text tokens) and the inverse norms; no op in the forward or backward creates anything near the Bi*Bt*N*L similarity tensor."""
     bi, bt, n, l, c = 4, 4, 100, 40, 16
     inputs, mask = make_inputs(bi, bt, n, l, c, torch.float32)
     leaves = [t.requires_grad_() for t in inputs]
@@ -224,7 +233,8 @@ def test_memory_is_linear_in_tokens():
     s = reclmis.ops.max_similarity(*leaves, mask, backend="triton")
     inputs_ptrs = {t.data_ptr() for t in leaves}
     saved = [t for t in s.grad_fn.saved_tensors if t.data_ptr() not in inputs_ptrs]
-    assert sum(t.numel() for t in saved if t.dtype == torch.int32) == bi * bt * (n + l)  # argmax indices
+    assert sum(t.numel() for t in saved if t.dtype == torch.int16) == bi * bt * n  # argmax over tokens
+    assert sum(t.numel() for t in saved if t.dtype == torch.int32) == bi * bt * l  # argmax over patches
     maxima_and_norms = bi * bt * (n + l) + bi * n + bt * l
     assert sum(t.numel() for t in saved if t.dtype == torch.float32) == maxima_and_norms
     assert sum(t.numel() for t in saved if t.dtype == torch.uint8) == bt * l  # the mask
@@ -337,7 +347,7 @@ def peak_extra_bytes(inputs, mask, backend):
 @needs_compiled_cuda
 def test_gpu_memory_at_batch_256():
     """Extra memory O(B^2 (N+L)) + O(inputs), a tenth of what the materialising reference needs or less:
-    maxima and indices (8 bytes per pair and token), the backward's sort keys (4) and the forward's
+    maxima and indices (at most 8 bytes per pair and token), the backward's sort keys (4) and the forward's
     per-block partial maxima (8 per pair and text token, two images per block), fp32 gradient buffers."""
     batch, n, l, c = 256, 196, 18, 512
     inputs, mask = paper_inputs(batch, torch.float16)
