@@ -245,19 +245,20 @@ def _max_similarity_bwd_prep_kernel(
         row_max = tl.load(row_max_ptr + pair * N + rows, mask=row_in, other=0.0)
         d_w += g * row_max
         ic = tl.load(col_arg_ptr + pair * L + offs_l, mask=offs_l < L, other=-1)
-        if NORMALIZE:
-            col = tl.load(col_max_ptr + pair * L + offs_l, mask=offs_l < L, other=0.0)
-            w_t = tl.load(txt_w_ptr + b * L + offs_l, mask=ic >= 0, other=0.0).to(tl.float32)
-            picked = tl.sum(tl.where(ic[None, :] == rows[:, None], (w_t * col)[None, :], 0.0), axis=1)
-            proj += g * (w_i * row_max + picked)
+        col_keys = _sort(tl.where(ic >= 0, ic, N) * BLOCK_L + offs_l)  # distinct keys: a stable sort
+        if NORMALIZE:  # the text tokens that picked each image token, by destination
+            j, picked = col_keys % BLOCK_L, col_keys < N * BLOCK_L
+            w_t = tl.load(txt_w_ptr + b * L + j, mask=picked, other=0.0).to(tl.float32)
+            sources = w_t * tl.load(col_max_ptr + pair * L + j, mask=picked, other=0.0)
+            to_rows = _segment_sums(sources[:, None], col_keys // BLOCK_L, row0, BLOCK_R)
+            proj += g * (w_i * row_max + tl.sum(to_rows, axis=1))
         if ROW_KEYS:
             jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1).to(tl.int32)
-            keys = _sort(tl.where(jr >= 0, jr, L) * BLOCK_R + offs_r)  # distinct keys: a stable sort
+            keys = _sort(tl.where(jr >= 0, jr, L) * BLOCK_R + offs_r)
             keys = keys.to(row_keys_ptr.dtype.element_ty)
             tl.store(row_keys_ptr + pair * N + rows, keys, mask=row_in)  # the cut-off tail holds only "none"
         if COL_KEYS:  # kept by the first block
-            keys = _sort(tl.where(ic >= 0, ic, N) * BLOCK_L + offs_l)
-            tl.store(col_keys_ptr + pair * L + offs_l, keys, mask=offs_l < tl.where(row0 == 0, L, 0))
+            tl.store(col_keys_ptr + pair * L + offs_l, col_keys, mask=offs_l < tl.where(row0 == 0, L, 0))
     tl.store(d_img_w_ptr + a * N + rows, d_w, mask=row_in)
     if NORMALIZE:
         tl.store(img_proj_ptr + a * N + rows, proj, mask=row_in)
@@ -366,14 +367,15 @@ def _max_similarity_bwd_txt_kernel(
 
 @triton.jit
 def _max_similarity_bwd_txt_finish_kernel(
-    txt_ptr, img_w_ptr, txt_w_ptr, valid_ptr, txt_r_ptr, ds_ptr, row_max_ptr, row_arg_ptr, col_max_ptr,
+    txt_ptr, img_w_ptr, txt_w_ptr, valid_ptr, txt_r_ptr, ds_ptr, row_max_ptr, row_keys_ptr, col_max_ptr,
     d_txt_part_ptr, d_txt_ptr, d_txt_w_ptr,
     Bi, Bt, N, L, C, GROUPS, eps,
     NORMALIZE: tl.constexpr, FEATURES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """For text b: Eq. B1 for wT; with FEATURES, the image groups' partial d ehat summed in group order and
-    Eq. B4 (its projection from the saved maxima), giving d txt."""
+    Eq. B4 (its projection from the saved maxima, the image tokens that picked each text token in the order
+    of the prep kernel's keys), giving d txt."""
     b = tl.program_id(0).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     valid = tl.load(valid_ptr + b * L + offs_l, mask=offs_l < L, other=0) != 0
@@ -389,11 +391,11 @@ def _max_similarity_bwd_txt_finish_kernel(
             proj += g * w_t * col
             for n0 in range(0, N, BLOCK_R):
                 rows = n0 + tl.arange(0, BLOCK_R)
-                jr = tl.load(row_arg_ptr + pair * N + rows, mask=rows < N, other=-1).to(tl.int32)
-                row_max = tl.load(row_max_ptr + pair * N + rows, mask=rows < N, other=0.0)
-                w_i = tl.load(img_w_ptr + a * N + rows, mask=rows < N, other=0.0).to(tl.float32)
-                hit = jr[None, :] == offs_l[:, None]
-                proj += g * tl.sum(tl.where(hit, (w_i * row_max)[None, :], 0.0), axis=1)
+                keys = tl.load(row_keys_ptr + pair * N + rows, mask=rows < N, other=L * BLOCK_R).to(tl.int32)
+                i, picked = n0 + keys % BLOCK_R, keys < L * BLOCK_R
+                sources = tl.load(row_max_ptr + pair * N + i, mask=picked, other=0.0)
+                sources *= tl.load(img_w_ptr + a * N + i, mask=picked, other=0.0).to(tl.float32)
+                proj += g * tl.sum(_segment_sums(sources[:, None], keys // BLOCK_R, 0, BLOCK_L), axis=1)
     tl.store(d_txt_w_ptr + b * L + offs_l, d_w, mask=offs_l < L)
     if FEATURES:
         r = tl.load(txt_r_ptr + b * L + offs_l, mask=valid, other=0.0) if NORMALIZE else 1.0
@@ -547,19 +549,22 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
     i32 = {"dtype": torch.int32, "device": img.device}
     none = img.new_empty(0)
     d_img, d_txt, d_img_w, d_txt_w = none, none, none, none
+    row_keys = col_keys = none  # the orders of the sums by destination, for the text and image sides
     blocks = {"BLOCK_R": cfg.bwd_r, "BLOCK_L": cfg.bwd_l, "num_warps": cfg.num_warps}
     row_blocks, c_blocks = triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c)
     if needs[0] or needs[1] or needs[2]:
         d_img_w = torch.empty(bi, n, **f32)
         img_proj = torch.empty(bi, n, **f32) if normalize and needs[0] else torch.empty(0, **f32)
-        row_keys = torch.empty(bi, bt, n, dtype=row_arg.dtype, device=img.device) if needs[1] else none
-        col_keys = torch.empty(bi, bt, l, **i32) if needs[0] else torch.empty(0, **i32)
+        if needs[1]:
+            row_keys = torch.empty(bi, bt, n, dtype=row_arg.dtype, device=img.device)
+        if needs[0]:
+            col_keys = torch.empty(bi, bt, l, **i32)
         _max_similarity_bwd_prep_kernel[(bi, row_blocks)](
             img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
             d_img_w, img_proj, row_keys, col_keys,
             bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0], **blocks,
         )  # fmt: skip
-        d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else none
+        d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else d_img_w
     if needs[0]:
         d_img = torch.empty_like(img)
         _max_similarity_bwd_img_kernel[(bi, row_blocks, c_blocks)](
@@ -581,13 +586,14 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
         d_txt = torch.empty_like(txt) if needs[1] else none
         d_txt_w = torch.empty(bt, l, **f32)
         _max_similarity_bwd_txt_finish_kernel[(bt,)](
-            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_arg, col_max,
+            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_keys, col_max,
             d_txt_part, d_txt, d_txt_w,
             bi, bt, n, l, c, groups, NORM_EPS,
             NORMALIZE=normalize, FEATURES=needs[1], BLOCK_C=cfg.bwd_c, **blocks,
         )  # fmt: skip
-        d_txt_w = d_txt_w.to(txt_weight.dtype) if needs[3] else none
-    return d_img, d_txt, d_img_w, d_txt_w
+        d_txt_w = d_txt_w.to(txt_weight.dtype) if needs[3] else d_txt_w
+    grads = (d_img, d_txt, d_img_w, d_txt_w)
+    return tuple(g if need else g.new_empty(0) for g, need in zip(grads, needs, strict=True))  # no aliases
 
 
 Tensor = torch.Tensor

@@ -172,6 +172,21 @@ def test_wide_channels_stream_the_image_block(monkeypatch):
     assert_matches(got, want, inputs)
 
 
+@pytest.mark.parametrize(
+    "wanted", [(0,), (1,), (2,), (3,), (1, 2)], ids=["img", "txt", "img_w", "txt_w", "mixed"]
+)
+def test_only_the_requested_gradients(wanted):
+    """The backward computes the gradients autograd asks for, each equal to the one of a full backward."""
+    inputs, mask = make_inputs(3, 4, 20, 6, 16, torch.float32)
+    leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    s = reclmis.ops.max_similarity(*leaves, mask, backend="triton")
+    d_s = torch.randn(s.shape, generator=torch.Generator().manual_seed(1)).to(s.device)
+    grads = torch.autograd.grad(s, [leaves[i] for i in wanted], d_s)
+    full = run_both(inputs, mask, normalize=True)[0][1:]
+    for i, g in zip(wanted, grads, strict=True):
+        assert torch.equal(g, full[i]), GRADS[i]
+
+
 def test_long_texts_index_in_int32():
     """From 127 text tokens on, the argmax over tokens and the backward's sort keys no longer fit int16."""
     inputs, mask = make_inputs(2, 3, 11, 130, 16, torch.float32)
