@@ -187,6 +187,15 @@ def test_only_the_requested_gradients(wanted):
         assert torch.equal(g, full[i]), GRADS[i]
 
 
+def test_images_longer_than_a_backward_block():
+    """N = 300 image tokens: the backward sorts and sums them in two blocks of 256, and the image token a
+    text token picked may lie in either."""
+    inputs, mask = make_inputs(2, 3, 300, 7, 16, torch.float32)
+    assert kernels._Config.of(2, 3, 300, 7, 16, torch.float32).bwd_r < 300
+    got, want = run_both(inputs, mask, normalize=True)
+    assert_matches(got, want, inputs)
+
+
 def test_long_texts_index_in_int32():
     """From 127 text tokens on, the argmax over tokens and the backward's sort keys no longer fit int16."""
     inputs, mask = make_inputs(2, 3, 11, 130, 16, torch.float32)
