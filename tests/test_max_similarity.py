@@ -94,7 +94,7 @@ def assert_matches(got, want, inputs):
     [
         ((3, 4, 70, 21, 80), True),  # N and C cross their tiles; every kind of padded text
         ((5, 2, 17, 5, 24), True),  # Bi > Bt: the text-side backward splits over image groups
-        ((2, 6, 40, 40, 33), False),  # odd C, a 64-wide token tile, no mask
+        ((2, 6, 40, 40, 33), False),  # odd C, no mask, each text spanning three of the forward's tiles
     ],
     ids=["tiles", "split", "nomask"],
 )
@@ -246,7 +246,8 @@ class _LargestAllocation(TorchDispatchMode):
 
 def test_memory_is_linear_in_tokens():
     """Saved for the backward: the maxima and their argmax indices (Bi*Bt*(N+L) of each; int16 over L < 127
-    text tokens) and the inverse norms; no op in the forward or backward creates anything near the Bi*Bt*N*L similarity tensor."""
+    text tokens) and the inverse norms; no op in the forward or backward creates anything near the
+    Bi*Bt*N*L similarity tensor."""
     bi, bt, n, l, c = 4, 4, 100, 40, 16
     inputs, mask = make_inputs(bi, bt, n, l, c, torch.float32)
     leaves = [t.requires_grad_() for t in inputs]
