@@ -206,16 +206,30 @@ def _sort(keys):
 def _segment_sums(sorted_src, sorted_dest, first, R: tl.constexpr):
     """out[r] = sum of the rows of sorted_src (S, C) whose destination sorted_dest (S,), non-decreasing, is
     first + r, for r < R: a running sum down the rows, each segment's sum the difference of the running
-    sums at its ends. A fixed order of additions, no atomics; the rounding is relative to the running sum
+    sums at its ends, taken on the smaller side (per destination, or per source when R > S, then gathered
+    by destination). A fixed order of additions, no atomics; the rounding is relative to the running sum
     (at most the total of |src|)."""
+    S: tl.constexpr = sorted_src.shape[0]
+    C: tl.constexpr = sorted_src.shape[1]
     running = tl.cumsum(sorted_src, axis=0)
     local = sorted_dest - first
     counts = tl.histogram(local, R, mask=(local >= 0) & (local < R))  # segment lengths
-    ends = tl.sum((local < 0).to(tl.int32), axis=0) + tl.cumsum(counts, axis=0)
-    shape: tl.constexpr = (R, sorted_src.shape[1])
-    upper = tl.gather(running, tl.broadcast_to(tl.maximum(ends - 1, 0)[:, None], shape), axis=0)
-    lower = tl.gather(running, tl.broadcast_to(tl.maximum(ends - counts - 1, 0)[:, None], shape), axis=0)
-    return tl.where((counts > 0)[:, None], upper - tl.where((ends - counts > 0)[:, None], lower, 0.0), 0.0)
+    ends = tl.sum((local < 0).to(tl.int32), axis=0) + tl.cumsum(counts, axis=0)  # one past each segment
+    starts = ends - counts
+    if (
+        R > S
+    ):  # sources' segments: 0 <= start_k < end_k for the sources of a destination in [first, first + R)
+        mine = tl.minimum(tl.maximum(local, 0), R - 1)
+        start_k, end_k = tl.gather(starts, mine, axis=0), tl.gather(ends, mine, axis=0)
+        upper = tl.gather(running, tl.broadcast_to(tl.maximum(end_k - 1, 0)[:, None], (S, C)), axis=0)
+        lower = tl.gather(running, tl.broadcast_to(tl.maximum(start_k - 1, 0)[:, None], (S, C)), axis=0)
+        totals = upper - tl.where((start_k > 0)[:, None], lower, 0.0)
+        out = tl.gather(totals, tl.broadcast_to(tl.minimum(starts, S - 1)[:, None], (R, C)), axis=0)
+    else:
+        upper = tl.gather(running, tl.broadcast_to(tl.maximum(ends - 1, 0)[:, None], (R, C)), axis=0)
+        lower = tl.gather(running, tl.broadcast_to(tl.maximum(starts - 1, 0)[:, None], (R, C)), axis=0)
+        out = upper - tl.where((starts > 0)[:, None], lower, 0.0)
+    return tl.where((counts > 0)[:, None], out, 0.0)
 
 
 @triton.jit
@@ -449,6 +463,7 @@ class _Config(NamedTuple):
     bwd_r: int  # backward: image tokens per block
     bwd_c: int  # backward: channels per program
     texts: int  # backward: texts per tile of the text side
+    bwd_warps: int  # backward's image- and text-side kernels
 
     @staticmethod
     def of(bi: int, bt: int, n: int, l: int, c: int, dtype: torch.dtype) -> _Config:
@@ -458,7 +473,7 @@ class _Config(NamedTuple):
         resident block would not fit) and wider C stream the image block in channel blocks (fp32 text tiles
         of at most 32 tokens, within the register file). The backward
         works on fp32 tiles of BWD_TILE_ELEMENTS: 16 channels by up to 256 image tokens, and as many texts
-        per tile as fill it."""
+        per tile as fill it, 16 warps to a program (8 elements of a tile per thread, no spills)."""
         size = dtype.itemsize
         c_pad = max(16, triton.next_power_of_2(c))
         fitting = [block for block in (64, 32, 16) if size == 2 and block * c_pad * size <= RESIDENT_BYTES]
@@ -484,6 +499,7 @@ class _Config(NamedTuple):
             bwd_r=max(16, min(BWD_TILE_ELEMENTS // bwd_c, triton.next_power_of_2(n))),
             bwd_c=bwd_c,
             texts=max(1, min(bt, BWD_TILE_ELEMENTS // (bwd_l * bwd_c))),
+            bwd_warps=16,
         )
 
 
@@ -551,6 +567,7 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
     d_img, d_txt, d_img_w, d_txt_w = none, none, none, none
     row_keys = col_keys = none  # the orders of the sums by destination, for the text and image sides
     blocks = {"BLOCK_R": cfg.bwd_r, "BLOCK_L": cfg.bwd_l, "num_warps": cfg.num_warps}
+    features = {**blocks, "num_warps": cfg.bwd_warps}
     row_blocks, c_blocks = triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c)
     if needs[0] or needs[1] or needs[2]:
         d_img_w = torch.empty(bi, n, **f32)
@@ -569,7 +586,7 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
         d_img = torch.empty_like(img)
         _max_similarity_bwd_img_kernel[(bi, row_blocks, c_blocks)](
             img, txt, img_weight, txt_weight, valid, img_r, txt_r, d_s, row_arg, col_keys, img_proj, d_img,
-            bt, n, l, c, NORM_EPS, NORMALIZE=normalize, BLOCK_C=cfg.bwd_c, **blocks,
+            bt, n, l, c, NORM_EPS, NORMALIZE=normalize, BLOCK_C=cfg.bwd_c, **features,
         )  # fmt: skip
     if needs[1] or needs[3]:
         tiles = triton.cdiv(bt, cfg.texts)
@@ -581,7 +598,7 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
             _max_similarity_bwd_txt_kernel[(tiles, c_blocks, groups)](
                 img, img_weight, txt_weight, img_r, d_s, row_keys, col_arg, d_txt_part,
                 bi, bt, n, l, c, cfg.texts, images_per_program,
-                NORMALIZE=normalize, BLOCK_T=triton.next_power_of_2(cfg.texts), BLOCK_C=cfg.bwd_c, **blocks,
+                NORMALIZE=normalize, BLOCK_T=triton.next_power_of_2(cfg.texts), BLOCK_C=cfg.bwd_c, **features,
             )  # fmt: skip
         d_txt = torch.empty_like(txt) if needs[1] else none
         d_txt_w = torch.empty(bt, l, **f32)
