@@ -26,8 +26,9 @@ CSRC = ROOT / "csrc"
 # per operation; a fused multiply-add would change the random keys (csrc/weighted_mask_core.h).
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 NVCC_ARCH_FLAGS = ["-gencode", "arch=compute_86,code=sm_86", "-gencode", "arch=compute_90,code=sm_90"]
-# What a failed CUDA build takes from the CPU-only extension before building again.
-FALLBACK_ATTRIBUTES = ("sources", "include_dirs", "library_dirs", "libraries", "extra_compile_args")
+# What a failed CUDA build takes from the CPU-only extension before building again. The include folders stay,
+# so that the C++ object compiled in the failed attempt has the same command line and is reused.
+FALLBACK_ATTRIBUTES = ("sources", "library_dirs", "libraries", "extra_compile_args")
 
 
 def _load_cuda_toolkit_module():
