@@ -195,7 +195,9 @@ def format_report(info: dict[str, Any]) -> str:
     lines += _extension_lines(info["extension"], info["gpus"], info["torch_cuda"])
     toolkit = info["toolkit"]
     if toolkit["home"]:
-        lines.append(f"CUDA toolkit   {toolkit['home']} (nvcc {toolkit['version']}, {toolkit['found_by']})")
+        lines.append(
+            f"CUDA toolkit   {toolkit['home']} (nvcc {toolkit['version']}), found via {toolkit['found_by']}"
+        )
     else:
         lines.append(
             f"CUDA toolkit   {'none usable' if info['torch_cuda'] else 'not used'}: {toolkit['why']}"
