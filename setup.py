@@ -112,11 +112,11 @@ def _extensions() -> tuple[list, dict]:
             try:
                 super().build_extensions()
             except Exception as error:  # the CUDA part is optional: any failure falls back to the CPU kernel
-                summary = str(error).splitlines()[0] if str(error) else ""
+                summary = ": ".join([type(error).__name__, *str(error).splitlines()[:1]])
                 _say(
                     f"building the CPU kernel only: the CUDA kernel failed to build with {cuda_home} "
-                    f"({type(error).__name__}: {summary}); the compiler's messages are above (pip shows them "
-                    "with -v), fix them or set CUDA_HOME to another toolkit, and reinstall"
+                    f"({summary}); the compiler's messages are above (pip shows them with -v), fix them or "
+                    "set CUDA_HOME to another toolkit, and reinstall"
                 )
                 self.compiler.compile, self.compiler._compile, self.compiler.src_extensions = saved
                 fallback = cpu_extension()

@@ -69,8 +69,12 @@ def fatbin_architectures(library: Path | str) -> tuple[list[str], list[str]]:
                 ptx.add(f"compute_{arch}")
             entry += entry_header + payload
         start = end
-    key = lambda a: int(a.split("_")[1])  # noqa: E731
-    return sorted(cubins, key=key), sorted(ptx, key=key)
+    return sorted(cubins, key=_arch_number), sorted(ptx, key=_arch_number)
+
+
+def _arch_number(arch: str) -> int:
+    """86 for "sm_86" or "compute_86": 10 * major + minor."""
+    return int(arch.rpartition("_")[2])
 
 
 def extension_info() -> dict[str, Any]:
@@ -111,12 +115,12 @@ def gpu_info() -> list[dict[str, Any]]:
 def runs_on(gpu_arch: str, cubins: list[str], ptx: list[str]) -> bool:
     """Whether a GPU of ``gpu_arch`` runs one of the cubins (same major, minor not above the GPU's) or
     JIT-compiles one of the PTX (an architecture not above the GPU's)."""
-    major, minor = divmod(int(gpu_arch[3:]), 10)
+    major, minor = divmod(_arch_number(gpu_arch), 10)
     for arch in cubins:
-        cubin_major, cubin_minor = divmod(int(arch[3:]), 10)
+        cubin_major, cubin_minor = divmod(_arch_number(arch), 10)
         if cubin_major == major and cubin_minor <= minor:
             return True
-    return any(int(arch[8:]) <= int(gpu_arch[3:]) for arch in ptx)
+    return any(_arch_number(arch) <= _arch_number(gpu_arch) for arch in ptx)
 
 
 def triton_info(cuda_available: bool) -> dict[str, Any]:
@@ -176,9 +180,10 @@ def _extension_lines(ext: dict[str, Any], gpus: list[dict[str, Any]], torch_cuda
         )
     for gpu in gpus:
         if ext["cuda_kernel"] and not runs_on(gpu["arch"], ext["cuda_archs"], ext["ptx"]):
+            major, minor = divmod(_arch_number(gpu["arch"]), 10)
             lines.append(
                 f"               warning: no code for this {gpu['arch']} GPU; rebuild with "
-                f"TORCH_CUDA_ARCH_LIST={gpu['arch'][3]}.{gpu['arch'][4:]} (pip install -e . --no-build-isolation)"
+                f"TORCH_CUDA_ARCH_LIST={major}.{minor} (pip install -e . --no-build-isolation)"
             )
     return lines
 

@@ -100,6 +100,10 @@ def test_report_warns_when_the_gpu_has_no_code() -> None:
     assert "GPU 0          NVIDIA A100-SXM4-80GB (sm_80, 79 GiB)" in report
     assert "reclmis._C     CPU kernel + CUDA kernel (sm_86, sm_90): /x/_C.so" in report
     assert "warning: no code for this sm_80 GPU; rebuild with TORCH_CUDA_ARCH_LIST=8.0" in report
+    blackwell = [{"name": "NVIDIA RTX PRO 6000", "arch": "sm_120", "memory_gib": 95.0}]
+    assert "TORCH_CUDA_ARCH_LIST=12.0 " in info.format_report(_info(gpus=blackwell))
+    hopper = [{"name": "NVIDIA H200", "arch": "sm_90", "memory_gib": 139.8}]
+    assert "warning" not in info.format_report(_info(gpus=hopper))
 
 
 def test_report_of_a_build_without_cuda_kernel() -> None:
