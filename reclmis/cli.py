@@ -1,4 +1,4 @@
-"""Command line: ``reclmis {train,evaluate,predict,make-synthetic,profile}`` (also ``python -m reclmis``).
+"""Command line: ``reclmis {train,evaluate,predict,make-synthetic,profile,info}`` (also ``python -m reclmis``).
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m reclmis train ...`` (``--batch-size`` is per process).
 """
@@ -131,6 +131,12 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    from reclmis.info import main as info_main
+
+    return info_main(as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reclmis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--tokens", type=int, default=18, help="note length in tokens")
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profile.set_defaults(handler=_profile)
+
+    info = commands.add_parser("info", help="torch build, GPU, what reclmis._C holds, Triton mode")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a report")
+    info.set_defaults(handler=_info)
     return parser
 
 

@@ -22,8 +22,10 @@ baked into the captured graph and replay one mask at every step).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 
 import torch
 
@@ -39,6 +41,14 @@ except ImportError as error:
     _EXTENSION_ERROR: ImportError | None = error
 else:
     _EXTENSION_ERROR = None
+# A CPU-only build of reclmis._C (no usable CUDA toolkit at install time) has no kernel for CUDA tensors.
+_EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "reclmis::weighted_mask", "CUDA"
+)
+_NO_CUDA_KERNEL = (
+    "reclmis._C was built without its CUDA kernel (see `reclmis info` for why); set CUDA_HOME to a CUDA "
+    "toolkit matching torch's CUDA version and reinstall (`pip install -e . --no-build-isolation`)"
+)
 
 
 def extension_available() -> bool:
@@ -132,7 +142,15 @@ def _validate_weights(weight: torch.Tensor, lengths: torch.Tensor | None) -> Non
         raise ValueError(f"weight must be finite and >= 0; row {row} holds a negative, NaN or infinite value")
 
 
-def _use_extension(backend: str) -> bool:
+@functools.cache
+def _warn_reference_on_cuda() -> None:
+    """The fallback of backend="auto" for CUDA tensors without a CUDA kernel, said once per process."""
+    warnings.warn(
+        f"weighted_mask runs its PyTorch reference on CUDA tensors: {_NO_CUDA_KERNEL}", stacklevel=4
+    )
+
+
+def _use_extension(backend: str, device: torch.device) -> bool:
     check_backend(backend, ("auto", "reference", "extension"))
     if backend == "extension" and _EXTENSION_ERROR is not None:
         raise RuntimeError(
@@ -140,6 +158,12 @@ def _use_extension(backend: str) -> bool:
             "not load (`pip install -e .` or `python setup.py build_ext --inplace` builds it): "
             f"{_EXTENSION_ERROR}"
         )
+    if device.type == "cuda" and _EXTENSION_ERROR is None and not _EXTENSION_HAS_CUDA:
+        if backend == "extension":
+            raise RuntimeError(f"weighted_mask(backend='extension') got CUDA tensors, but {_NO_CUDA_KERNEL}")
+        if backend == "auto":
+            _warn_reference_on_cuda()
+        return False
     return backend == "extension" or (backend == "auto" and _EXTENSION_ERROR is None)
 
 
@@ -169,7 +193,8 @@ def weighted_mask(
     ``backend``: "extension" runs the compiled op ``torch.ops.reclmis.weighted_mask`` (CPU and CUDA
     kernels; the same seed gives the same mask on both devices); "reference" the Gumbel-top-k oracle (the
     same law from another random stream); "auto" (default) uses the extension on CPU and CUDA whenever
-    ``reclmis._C`` is importable, and falls back to the reference only if the extension is not built.
+    ``reclmis._C`` is importable, and falls back to the reference only if the extension is not built, or
+    (with a warning, once) for CUDA tensors when it was built without its CUDA kernel.
 
     Errors: types, shapes, devices and ratio in [0, 1] are always checked. Lengths outside [0, T] and
     negative, NaN or infinite weights at valid positions (padding is never read) raise a ValueError on
@@ -182,7 +207,7 @@ def weighted_mask(
     the graph) and clamps and zeroes like the CUDA kernel.
     """
     _validate(x, weight, ratio, lengths)
-    if not _use_extension(backend):
+    if not _use_extension(backend, x.device):
         if not torch.compiler.is_compiling():
             _validate_lengths(lengths, x.shape[1])
             _validate_weights(weight, lengths)
