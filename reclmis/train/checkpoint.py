@@ -80,12 +80,25 @@ def model_from_state(state: dict[str, Any]) -> RecLMIS:
         )
     model = RecLMIS(config, tokenizer, text_encoder)
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
+        result = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as err:  # shapes that differ
         raise ValueError(
             f"the checkpoint's weights do not fit the model its configuration describes: {err}"
         ) from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            "the checkpoint's weights do not fit the model its configuration describes (written by another "
+            f"version of reclmis?): {_some(result.missing_keys)} missing, "
+            f"{_some(result.unexpected_keys)} unexpected"
+        )
     return model
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "none"
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def model_from_checkpoint(
