@@ -152,7 +152,8 @@ class RecLMIS(nn.Module):
         w_poi: torch.Tensor,
         w_woi: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """L_T2V (Eq. 8, CVR), L_V2T (Eq. 10, CLR) and L_CCL (Eq. 6)."""
+        """L_T2V (Eq. 8, CVR: the masked V rebuilt from the memory of E under W_woi), L_V2T (Eq. 10, CLR:
+        the masked E rebuilt from the memory of V under W_poi) and L_CCL (Eq. 6)."""
         cfg = self.config
         if not cfg.conditioned:  # ablation: uniform conditions in place of W_poi / W_woi
             w_poi = torch.full_like(w_poi, 1.0 / w_poi.shape[1])
