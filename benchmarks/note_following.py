@@ -7,12 +7,17 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 - official_causal:   the reconstructors with the official code's causal mask;
 - official_schedule: the official MoNuSeg schedule (warm restarts every 10 epochs down to 1e-4) in place of
                      the recipe's single cosine;
-- no_text:           the text branch switched off (paper Table III, row e), a U-Net with PLAM.
+- no_text:           the text branch switched off (paper Table III, row e), a U-Net with PLAM;
+- linear_dice_seg:   L_seg = 5 (Dice + BCE) with a linear Dice denominator (the official: 5 (0.5 Dice + 0.5 BCE),
+                     squared denominator);
+- no_memory:         reconstructors without the memory stack (the masked tokens attend to the raw source).
 
 A model that follows the note scores about the same on both splits; one that ignores it cannot, because the
 counterfactual masks cover other lesions of the same pictures.
 
     python benchmarks/note_following.py --out benchmarks/results/note_following_cpu.json
+    python benchmarks/note_following.py --variants linear_dice_seg no_memory \
+        --out benchmarks/results/note_following_ablations_cpu.json
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "official_causal": {"model": {"recon_causal": True}},
     "official_schedule": {"train": {"scheduler": "cosine_restarts", "restart_epochs": 10, "min_lr": 1e-4}},
     "no_text": {"model": {"use_text": False}},
+    "linear_dice_seg": {
+        "model": {"loss_weights": {"dice": 1.0, "bce": 1.0}, "dice_squared": False, "dice_smooth": 1.0}
+    },
+    "no_memory": {"model": {"recon_memory_layers": 0}},
 }
 
 
@@ -81,7 +90,7 @@ def main() -> None:
         "--out", default=None, help="results JSON (default benchmarks/results/note_following_cpu.json)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS)[:5])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         rows = run(Path(work), args.seed, args.variants)
