@@ -186,12 +186,13 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0  # Adam's L2 penalty; the official recipes use none
     # learning rate per epoch e (stepped once per epoch), never below min_lr:
-    #   "cosine"           min_lr + (lr - min_lr) (1 + cos(pi e / epochs)) / 2, one annealing over the run
-    #   "cosine_restarts"  the same over periods of restart_epochs epochs (SGDR; official QaTa, MoNuSeg)
+    #   "cosine_restarts"  min_lr + (lr - min_lr) (1 + cos(pi (e mod restart_epochs) / restart_epochs)) / 2
+    #                      (SGDR; the official QaTa and MoNuSeg schedule, and the default)
+    #   "cosine"           the same with one period of `epochs` epochs: one annealing over the run
     #   "exponential"      max(lr * lr_decay^e, min_lr) (official MosMedData+)
     #   "constant"         lr
-    scheduler: str = "cosine"
-    min_lr: float = 1e-6
+    scheduler: str = "cosine_restarts"
+    min_lr: float = 1e-4
     restart_epochs: int = 10
     lr_decay: float = 0.99
     precision: str = (

@@ -50,7 +50,12 @@ def test_monuseg_recipe_uses_the_official_warm_restarts() -> None:
 
 
 def test_single_cosine_and_constant() -> None:
-    cfg = TrainConfig(epochs=20, lr=1e-3, min_lr=1e-5)
+    assert (TrainConfig().scheduler, TrainConfig().restart_epochs, TrainConfig().min_lr) == (
+        "cosine_restarts",
+        10,
+        1e-4,
+    )
+    cfg = TrainConfig(epochs=20, lr=1e-3, min_lr=1e-5, scheduler="cosine")
     expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * e / 20)) / 2 for e in range(20)]
     assert lr_curve(cfg, 20) == pytest.approx(expected, rel=1e-9)
     assert lr_curve(TrainConfig(lr=2e-4, scheduler="constant"), 5) == pytest.approx([2e-4] * 5)
