@@ -35,8 +35,8 @@ except ImportError:  # run as a script from benchmarks/
     from common import measure, script_parser, write_rows
 
 from reclmis.config import RecLMISConfig
-from reclmis.data.tokenizer import NoteTokenizer
 from reclmis.model import RecLMIS
+from reclmis.model.tokenizer import NoteTokenizer
 from reclmis.profiling import profile_model
 from reclmis.train.compilation import resolve_compile_mode
 

@@ -1,5 +1,5 @@
-"""Training loop: Adam + cosine annealing, mixed precision, channels_last, DDP under torchrun, exact resume,
-torch.compile on request (``train.compile``).
+"""Training loop: Adam + the recipe's learning-rate schedule, mixed precision, channels_last, DDP under torchrun, exact
+resume, torch.compile on request (``train.compile``).
 
 The step never waits for the GPU: losses and Dice accumulate on the device and are read back every
 ``log_every`` steps. Rank 0 alone writes logs, progress bars and checkpoints (``last.pt`` every epoch,
@@ -27,10 +27,14 @@ from tqdm.auto import tqdm
 
 from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import LViTDataset, TrainAugmentation
-from reclmis.data.tokenizer import NoteTokenizer
 from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
-from reclmis.model import RecLMIS
-from reclmis.train.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from reclmis.model import NoteTokenizer, RecLMIS
+from reclmis.train.checkpoint import (
+    checkpoint_model_config,
+    load_checkpoint,
+    model_from_state,
+    save_checkpoint,
+)
 from reclmis.train.compilation import compile_module, compile_notice, resolve_compile_mode
 from reclmis.train.distributed import (
     all_gather_with_grad,
@@ -38,6 +42,7 @@ from reclmis.train.distributed import (
     barrier,
     init_distributed,
 )
+from reclmis.train.schedules import build_optimizer, build_scheduler, check_same_schedule
 
 LOSS_TERMS = ("total", "dice", "bce", "t2v", "v2t", "ccl")
 
@@ -134,8 +139,15 @@ class Trainer:
             model_config.image_size,
             cache=train_config.cache_images,
             transform=augmentation,
+            mask_resize=train_config.mask_resize,
         )
-        self.val_set = LViTDataset(data_root, "val", model_config.image_size, cache=train_config.cache_images)
+        self.val_set = LViTDataset(
+            data_root,
+            "val",
+            model_config.image_size,
+            cache=train_config.cache_images,
+            mask_resize=train_config.mask_resize,
+        )
 
         if len(self.val_set) < self.dist.world_size:
             raise ValueError(
@@ -163,13 +175,8 @@ class Trainer:
         self.model.feature_gather = all_gather_with_grad if global_ccl and self.dist.enabled else None
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(
-            params, lr=train_config.lr, weight_decay=train_config.weight_decay, fused=fused
-        )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=train_config.epochs, eta_min=train_config.min_lr
-        )
+        self.optimizer = build_optimizer(params, train_config, fused=self.device.type == "cuda")
+        self.scheduler = build_scheduler(self.optimizer, train_config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.start_epoch = 0
         self.best_dice = -math.inf
@@ -227,10 +234,11 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {path} to resume from")
         state = load_checkpoint(path)
-        saved = RecLMISConfig.from_dict(state["model_config"])
+        saved = checkpoint_model_config(state)
         if saved != self.model_config:
             changed = sorted(k for k, v in saved.to_dict().items() if self.model_config.to_dict()[k] != v)
             raise ValueError(f"--resume: the model configuration differs from the checkpoint's in {changed}")
+        check_same_schedule(state["train_config"], self.cfg)
         return state
 
     def _check_fresh_run(self) -> None:
