@@ -15,8 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from reclmis.cli import main
 from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import make_synthetic
-from reclmis.data.tokenizer import NoteTokenizer
-from reclmis.model import RecLMIS
+from reclmis.model import NoteTokenizer, RecLMIS
 from reclmis.train import load_checkpoint
 from reclmis.train.compilation import resolve_compile_mode
 
