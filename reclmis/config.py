@@ -14,6 +14,10 @@ from typing import Any
 
 import yaml
 
+from reclmis.data.note_geometry import FRAMES
+
+AUGMENTATIONS = ("full", "official", "photometric", "none")
+
 
 @dataclass
 class LossWeights:
@@ -156,9 +160,13 @@ class TrainConfig:
     )
     channels_last: bool = True
     num_workers: int = 2
-    # "full": the official augmentation (blur, colour, rot90/flip or rotation); "photometric": blur and colour
-    # only, for notes that name positions (flipping the image would contradict them); "none"
+    # "full": the official augmentation (blur, colour, rot90/flip or rotation) with the note's positional
+    # words moved with the image (note_frame); "official": the same without rewriting the note, as the
+    # official code; "photometric": blur and colour only; "none"
     augment: str = "full"
+    # the frame of the notes' sides: "radiological" (chest images: "left" is the patient's left, on the
+    # image's right) or "image" (pathology tiles: "left" is the image's left)
+    note_frame: str = "radiological"
     early_stopping_patience: int = 50  # epochs without a better validation Dice; 0 disables
     log_every: int = 10  # steps between host reads of the running losses
     seed: int = 0
@@ -168,8 +176,10 @@ class TrainConfig:
     cache_images: bool = True
 
     def __post_init__(self) -> None:
-        if self.augment not in ("full", "photometric", "none"):
-            raise ValueError(f"augment must be full, photometric or none, got {self.augment!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.note_frame not in FRAMES:
+            raise ValueError(f"note_frame must be one of {FRAMES}, got {self.note_frame!r}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         for name in ("epochs", "batch_size"):
