@@ -1,23 +1,33 @@
 # `make test` and `make demo` create (or reuse) .venv, install the project, then run.
-# TORCH_SPEC picks the torch build: CI uses the CPU wheel (TORCH_SPEC=torch==2.13.0).
+# TORCH_SPEC picks the torch build (default: PyPI's CUDA build on Linux; TORCH_SPEC=torch==2.13.0 the CPU
+# wheel); VENV the environment (.ci/run tests both builds, in .venv and .venv-cuda).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reclmis-installed
+BUILT_FOR := build/.reclmis-venv
 
 .PHONY: install test demo lint bench-quick
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+# Editable installs share the tree's reclmis/_C*.so: reinstall when another environment built it last.
+ifneq ($(shell cat $(BUILT_FOR) 2>/dev/null),$(abspath $(VENV)))
+$(shell rm -f $(STAMP))
+endif
+
+$(STAMP): pyproject.toml setup.py reclmis/cuda_toolkit.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "setuptools>=69" wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]" --no-build-isolation
+	mkdir -p build && echo "$(abspath $(VENV))" > $(BUILT_FOR)
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# `reclmis info` first: what the install built (CPU/CUDA kernel of reclmis._C, its GPU architectures).
 test: $(STAMP)
+	$(VENV)/bin/reclmis info
 	$(PY) -m pytest -q
 
 # The demo: generated data whose notes decide which lesions belong to the mask, the tiny preset trained on

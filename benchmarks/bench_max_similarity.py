@@ -4,11 +4,14 @@ Implementations, each computing S (Bi, Bt) of Eq. 4-5 (forward checked against t
   reference    reclmis.ops.max_similarity_reference: einsum to the (B, B, N, L) tensor in fp32, masked
                amax both ways, weighted sums; what backend="reference" runs, and the speed-up baseline
   einsum_lowp  the same in the input dtype (fp16/bf16 tensor, no fp32 upcast): the leanest eager variant
-  triton       reclmis.kernels.max_similarity (CUDA only: the interpreter is no benchmark)
+  triton       reclmis.ops.max_similarity's fused path, the custom ops reclmis::max_similarity_forward and
+               _backward (CUDA only: the interpreter is no benchmark)
+  triton_graphed  the same under torch.compile(mode="reduce-overhead"): its launches replayed as a CUDA
+               graph, as in a compiled training step (at B=32 launch overhead is a large part of the time)
 
 Shapes: the paper's (B=32 images x 32 texts, N=196 patches, L=18 tokens with 3..18 valid, C=512) and
 B = 64, 128, 256; on CPU the reference alone at small batches. A materialising implementation running out
-of memory is a row with an "error" field.
+of memory (or failing) is a row with an "error" field.
 
     python benchmarks/bench_max_similarity.py --device cuda [--out PATH]
     python benchmarks/bench_max_similarity.py --device cpu --quick --out /tmp/max_similarity.json
@@ -17,6 +20,7 @@ of memory is a row with an "error" field.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -59,10 +63,20 @@ def triton_fused(img, txt, img_weight, txt_weight, txt_mask, normalize=True):
     return max_similarity_triton(img, txt, img_weight, txt_weight, txt_mask, normalize=normalize)
 
 
+@functools.cache
+def _graphed() -> Impl:
+    return torch.compile(triton_fused, mode="reduce-overhead", fullgraph=True)
+
+
+def triton_graphed(img, txt, img_weight, txt_weight, txt_mask, normalize=True):
+    return _graphed()(img, txt, img_weight, txt_weight, txt_mask, normalize=normalize)
+
+
 IMPLS: dict[str, Impl] = {
     "reference": max_similarity_reference,
     "einsum_lowp": einsum_lowp,
     "triton": triton_fused,
+    "triton_graphed": triton_graphed,
 }
 
 
@@ -70,11 +84,11 @@ def unavailable(impl: str, device: str) -> str | None:
     """Why ``impl`` is not timed on ``device`` (None when it is)."""
     if impl == "reference":
         return None
-    if device != "cuda" and impl == "triton":
+    if device != "cuda" and impl.startswith("triton"):
         return "not timed on CPU: the Triton kernel needs CUDA (its CPU interpreter is a test tool)"
     if device != "cuda":
         return f"{impl} is timed on CUDA only (in fp32 on CPU it is the reference)"
-    if impl == "triton":
+    if impl.startswith("triton"):
         try:
             from reclmis.kernels import max_similarity as fused
         except ImportError as e:
@@ -138,10 +152,9 @@ def bench_batch(batch: int, dtype: torch.dtype, device: str, *, reps: int) -> li
                 if not backward and expected is not None:
                     row["max_abs_err_vs_reference"] = (step() - expected).abs().max().item()
                 row.update(measure(step, device, warmup=2, reps=reps))
-            except torch.cuda.OutOfMemoryError as e:
-                rows.append(
-                    {**row, "median_ms": None, "peak_mem_mib": None, "error": f"out of memory: {e}"[:300]}
-                )
+            except Exception as e:  # a row with the error; the other implementations still run
+                error = f"out of memory: {e}" if isinstance(e, torch.cuda.OutOfMemoryError) else repr(e)
+                rows.append({**row, "median_ms": None, "peak_mem_mib": None, "error": error[:300]})
                 continue
             finally:
                 step = None  # drop the closure's graph before the next measurement
@@ -180,7 +193,7 @@ def main() -> None:
             mem = "" if row["peak_mem_mib"] is None else f" {row['peak_mem_mib']:9.1f} MiB"
             speedup = row["speedup_vs_reference"]
             result = f"{row['median_ms']:9.3f} ms{mem}" + ("" if speedup is None else f"  x{speedup:.2f}")
-        print(f"B={row['shape']['B']:<4d} {row['dtype']:8s} {row['impl']:11s} {row['pass']:7s} {result}")
+        print(f"B={row['shape']['B']:<4d} {row['dtype']:8s} {row['impl']:14s} {row['pass']:7s} {result}")
     print(f"wrote {path}")
 
 

@@ -95,14 +95,21 @@ def write_results(name: str, payload: dict[str, Any], out: str | Path | None = N
     return path
 
 
-def script_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+def script_parser(
+    doc: str,
+    name: str,
+    quick_help: str,
+    *,
+    devices: tuple[str, ...] = ("cpu", "cuda"),
+    default_out: str | None = None,
+) -> argparse.ArgumentParser:
     """The script mode every op and model benchmark shares: ``--device``, ``--quick``, ``--out``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    default_device = "cuda" if torch.cuda.is_available() and "cuda" in devices else devices[0]
+    parser.add_argument("--device", choices=devices, default=default_device)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out", help=f"results file (default benchmarks/results/{name}_<device>.json)")
+    default_out = default_out or f"benchmarks/results/{name}_<device>.json"
+    parser.add_argument("--out", help=f"results file (default {default_out})")
     return parser
 
 

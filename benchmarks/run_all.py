@@ -24,6 +24,7 @@ from benchmarks import (
     bench_max_similarity,
     bench_model,
     bench_weighted_mask,
+    kernel_report,
 )
 from benchmarks.common import environment, write_results
 
@@ -32,6 +33,7 @@ SUITES = {
     "max_similarity": bench_max_similarity,
     "weighted_mask": bench_weighted_mask,
     "model": bench_model,
+    "kernel_report": kernel_report,  # counted on CPU, compile facts and PREDICTED times (no GPU timing)
 }
 COLUMNS = ("op", "impl", "pass", "dtype", "shape", "median_ms", "speedup", "peak_mem_mib", "note")
 
@@ -48,7 +50,8 @@ def _cell(row: dict, column: str) -> str:
     if column == "note":
         extra = {k: row[k] for k in ("images_per_s", "ms_per_image", "gflops_inference") if k in row}
         text = ", ".join(f"{k}={v:.4g}" for k, v in extra.items())
-        return (text + (" " if text else "") + str(row.get("error", ""))).strip()[:120]
+        text = " ".join(filter(None, (text, str(row.get("note", "")), str(row.get("error", "")))))
+        return text.strip()[:160]
     value = row.get(column, "")
     return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
 

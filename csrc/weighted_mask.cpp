@@ -1,6 +1,10 @@
 // reclmis::weighted_mask: the op schema, the input checks and the CPU kernel (DESIGN section 3.3).
 // The CUDA kernel registers itself from weighted_mask_cuda.cpp when the extension is built with CUDA; the
 // fake kernel and the autograd formula are registered from Python (reclmis/ops/weighted_mask.py).
+//
+// The seed is a one-element int64 tensor on x's device, read by the kernels from memory: drawn there with
+// torch.randint, it is a fresh draw at every call and at every replay of a CUDA graph, and it never needs
+// the host (a seed passed as an int would be baked into a captured graph, which would replay one mask).
 #include <Python.h>  // first, as Python requires
 
 #include <ATen/ATen.h>
@@ -19,7 +23,7 @@
 namespace reclmis {
 
 void check_weighted_mask_inputs(const at::Tensor& x, const at::Tensor& weight, double ratio,
-                                const std::optional<at::Tensor>& lengths) {
+                                const std::optional<at::Tensor>& lengths, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(x.dim() == 3, "weighted_mask: x must have shape (B, T, C), got ", x.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "weighted_mask: x must be a floating tensor, got ",
                    x.scalar_type());
@@ -41,6 +45,10 @@ void check_weighted_mask_inputs(const at::Tensor& x, const at::Tensor& weight, d
     TORCH_CHECK_VALUE(l.device() == x.device(), "weighted_mask: lengths is on ", l.device(), " but x is on ",
                       x.device());
   }
+  TORCH_CHECK_VALUE(seed.numel() == 1, "weighted_mask: seed must hold one element, got shape ", seed.sizes());
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "weighted_mask: seed must be int64, got ", seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.device() == x.device(), "weighted_mask: seed is on ", seed.device(), " but x is on ",
+                    x.device());
 }
 
 void raise_on_bad_rows(const uint8_t* row_status, int64_t batch, int64_t tokens) {
@@ -94,9 +102,10 @@ uint8_t mask_row(const W* weight, int64_t length, int64_t tokens, double ratio, 
 }
 
 std::tuple<at::Tensor, at::Tensor> weighted_mask_cpu(const at::Tensor& x, const at::Tensor& weight, double ratio,
-                                                     const std::optional<at::Tensor>& lengths, int64_t seed,
+                                                     const std::optional<at::Tensor>& lengths, const at::Tensor& seed,
                                                      bool /*check_weights: the CPU kernel always checks*/) {
-  check_weighted_mask_inputs(x, weight, ratio, lengths);
+  check_weighted_mask_inputs(x, weight, ratio, lengths, seed);
+  const uint64_t key = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor lc = lengths.has_value() ? lengths->to(at::kLong).contiguous() : at::Tensor();
@@ -117,9 +126,9 @@ std::tuple<at::Tensor, at::Tensor> weighted_mask_cpu(const at::Tensor& x, const 
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       std::vector<std::pair<uint64_t, int64_t>> order(tokens);
       for (int64_t b = begin; b < end; ++b) {
-        row_status[b] = mask_row(w_ptr + b * tokens, len_ptr != nullptr ? len_ptr[b] : tokens, tokens, ratio,
-                                 static_cast<uint64_t>(seed), b, token_bytes, x_ptr + b * tokens * token_bytes,
-                                 out_ptr + b * tokens * token_bytes, mask_ptr + b * tokens, order);
+        row_status[b] = mask_row(w_ptr + b * tokens, len_ptr != nullptr ? len_ptr[b] : tokens, tokens, ratio, key,
+                                 b, token_bytes, x_ptr + b * tokens * token_bytes, out_ptr + b * tokens * token_bytes,
+                                 mask_ptr + b * tokens, order);
       }
     });
   });
@@ -131,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_mask_cpu(const at::Tensor& x, const 
 
 TORCH_LIBRARY(reclmis, m) {
   m.def(
-      "weighted_mask(Tensor x, Tensor weight, float ratio, Tensor? lengths, int seed, bool check_weights=False)"
+      "weighted_mask(Tensor x, Tensor weight, float ratio, Tensor? lengths, Tensor seed, bool check_weights=False)"
       " -> (Tensor, Tensor)");
 }
 

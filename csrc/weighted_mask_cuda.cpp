@@ -2,6 +2,7 @@
 // weighted_mask_kernel.cu. Built only into a CUDA extension.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -28,13 +29,19 @@ wm::WeightType weight_type(at::ScalarType type) {
 }
 
 // Bad weights and lengths are recorded per row on the device. Reading them back costs a host sync, so it
-// happens only when check_weights is set (reclmis.ops.weighted_mask turns it on with RECLMIS_CHECK_WEIGHTS=1);
-// otherwise the kernel treats an invalid weight as zero and clamps an out-of-range length.
+// happens only when check_weights is set (reclmis.ops.weighted_mask turns it on with RECLMIS_CHECK_WEIGHTS=1),
+// and never while a CUDA graph is being captured; otherwise the kernel treats an invalid weight as zero and
+// clamps an out-of-range length. The seed stays on the device: the kernel reads it, so a captured launch
+// takes the seed of each replay.
 std::tuple<at::Tensor, at::Tensor> weighted_mask_cuda(const at::Tensor& x, const at::Tensor& weight, double ratio,
-                                                      const std::optional<at::Tensor>& lengths, int64_t seed,
-                                                      bool check_weights) {
-  check_weighted_mask_inputs(x, weight, ratio, lengths);
+                                                      const std::optional<at::Tensor>& lengths,
+                                                      const at::Tensor& seed, bool check_weights) {
+  check_weighted_mask_inputs(x, weight, ratio, lengths, seed);
   const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(!(check_weights && c10::cuda::isStreamCapturingMayInitCtx(stream)),
+              "weighted_mask: check_weights=True reads the row checks back to the host, which a CUDA graph "
+              "capture does not allow; unset it (or RECLMIS_CHECK_WEIGHTS) for captured steps");
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor lc = lengths.has_value() ? lengths->to(at::kLong).contiguous() : at::Tensor();
@@ -65,9 +72,9 @@ std::tuple<at::Tensor, at::Tensor> weighted_mask_cuda(const at::Tensor& x, const
   args.tokens = tokens;
   args.token_bytes = token_bytes;
   args.ratio = ratio;
-  args.seed = static_cast<uint64_t>(seed);
+  args.seed = seed.const_data_ptr<int64_t>();
   args.weight_type = weight_type(wc.scalar_type());
-  C10_CUDA_CHECK(wm::launch_weighted_mask(args, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(wm::launch_weighted_mask(args, stream));
 
   if (check_weights) {
     const at::Tensor status = row_status.cpu();

@@ -28,6 +28,7 @@ __global__ void __launch_bounds__(kThreads) weighted_mask_kernel(const WeightedM
 
   const int64_t row = blockIdx.x;
   const int64_t tokens = args.tokens;
+  const uint64_t seed = static_cast<uint64_t>(*args.seed);
   uint8_t length_status = 0;
   const int64_t len = clamp_length(args.lengths != nullptr ? args.lengths[row] : tokens, tokens, &length_status);
   const int64_t k = mask_count(len, args.ratio);
@@ -42,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) weighted_mask_kernel(const WeightedM
     if (!weight_is_valid(w)) {
       atomicOr(&status, kBadWeight);
     }
-    keys[t] = sort_key(w, neg_log(uniform(args.seed, row, t)));
+    keys[t] = sort_key(w, neg_log(uniform(seed, row, t)));
   }
   __syncthreads();
 

@@ -22,7 +22,7 @@ struct WeightedMaskArgs {
   int64_t tokens;
   int64_t token_bytes;  // bytes of one position of x: channels * element size
   double ratio;         // in [0, 1]
-  uint64_t seed;
+  const int64_t* seed;  // one element on the device: the Philox key, read by every block
   WeightType weight_type;
 };
 

@@ -1,4 +1,4 @@
-"""Command line: ``reclmis {train,evaluate,predict,make-synthetic,profile}`` (also ``python -m reclmis``).
+"""Command line: ``reclmis {train,evaluate,predict,make-synthetic,profile,info}`` (also ``python -m reclmis``).
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m reclmis train ...`` (``--batch-size`` is per process).
 """
@@ -27,6 +27,7 @@ TRAIN_FLAGS = {  # CLI flag -> (section, field)
     "seed": ("train", "seed"),
     "workers": ("train", "num_workers"),
     "precision": ("train", "precision"),
+    "compile": ("train", "compile"),
 }
 
 
@@ -72,7 +73,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     from reclmis.train.trainer import resolve_device
 
     device = resolve_device(args.device)
-    model, _ = model_from_checkpoint(args.checkpoint, device)
+    model, state = model_from_checkpoint(args.checkpoint, device)
+    mask_resize = args.mask_resize
+    if args.official_metrics:
+        mask_resize = mask_resize or "bilinear"
+    if mask_resize is None:  # as the model was trained (checkpoints without the field resized nearest)
+        mask_resize = (state.get("train_config") or {}).get("mask_resize", "nearest")
+    if args.official_metrics and args.empty_score is not None:
+        raise ValueError("--official-metrics sets the empty-mask score to 0; drop --empty-score")
+    empty_score = (
+        0.0 if args.official_metrics else (args.empty_score if args.empty_score is not None else 1.0)
+    )
     metrics = evaluate(
         model,
         args.data,
@@ -81,9 +92,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         device=device,
         save_predictions=args.save_predictions,
         per_image_csv=args.per_image_csv,
+        mask_resize=mask_resize,
+        empty_score=empty_score,
     )
     print(f"{'split':<8}{'images':>8}{'Dice':>10}{'IoU':>10}")
     print(f"{args.split:<8}{metrics['n']:>8}{100 * metrics['dice']:>10.2f}{100 * metrics['iou']:>10.2f}")
+    print(f"masks resized {mask_resize}; both-empty images score {empty_score:g}")
     if args.json:
         write_metrics_json(metrics, args.json)
     if args.save_predictions:
@@ -123,11 +137,25 @@ def _make_synthetic(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from reclmis.profiling import profile_preset
+    from reclmis.profiling import profile_config
 
-    result = profile_preset(args.preset, args.image_size, args.tokens)
+    sections = read_recipe(args.config) if args.config else {"model": {}, "train": {}}
+    if args.preset or not args.config:
+        sections["model"]["preset"] = args.preset or "paper"
+    if args.image_size is not None:
+        sections["model"]["image_size"] = args.image_size
+    config, _ = build_configs(sections, "configuration")
+    tokens = config.max_text_len if args.tokens is None else args.tokens
+    name = Path(args.config).stem if args.config else sections["model"]["preset"]
+    result = profile_config(config, tokens, name)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from reclmis.info import main as info_main
+
+    return info_main(as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--workers", type=int, help="DataLoader worker processes")
     train.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the model (CUDA graphs on one GPU; the first steps compile, "
+                       "minutes on CPU); --set train.compile_mode=... picks another mode")  # fmt: skip
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set model.use_text=false")  # fmt: skip
     train.set_defaults(handler=_train)
@@ -168,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-image-csv", help="write per-image Dice and IoU to this CSV file")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--mask-resize", choices=("nearest", "bilinear"),
+                          help="how ground-truth masks are resized to the model's input: nearest, or bilinear "
+                               "then > 0 as the official loader (default: as the checkpoint was trained)")  # fmt: skip
+    evaluate.add_argument("--empty-score", type=float, choices=(1.0, 0.0),
+                          help="score of an image whose mask and prediction are both empty: 1 (default) or 0 "
+                               "(the official test script)")  # fmt: skip
+    evaluate.add_argument("--official-metrics", action="store_true",
+                          help="score as the official test script, to compare with published tables: "
+                               "both-empty images score 0, masks resized bilinear then > 0 unless "
+                               "--mask-resize says otherwise")  # fmt: skip
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", help="segment one image given its note")
@@ -193,11 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.set_defaults(handler=_make_synthetic)
 
     profile = commands.add_parser("profile", help="parameters and FLOPs (the paper's Table II columns)")
-    profile.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    profile.add_argument("--image-size", type=int, default=224)
-    profile.add_argument("--tokens", type=int, default=18, help="note length in tokens")
+    profile.add_argument("--config", help="YAML recipe (configs/*.yaml) whose model section is profiled")
+    profile.add_argument("--preset", choices=sorted(PRESETS),
+                         help="model preset (default: the recipe's, else paper)")  # fmt: skip
+    profile.add_argument("--image-size", type=int, help="default: the recipe's, else the preset's")
+    profile.add_argument("--tokens", type=int, help="note length in tokens (default: max_text_len)")
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profile.set_defaults(handler=_profile)
+
+    info = commands.add_parser("info", help="torch build, GPU, what reclmis._C holds, Triton mode")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a report")
+    info.set_defaults(handler=_info)
     return parser
 
 

@@ -21,12 +21,22 @@ AUGMENTATIONS = ("full", "official", "photometric", "none")
 
 @dataclass
 class LossWeights:
-    """Eq. 11: L = v2t * L_V2T + t2v * L_T2V + ccl * L_CCL + seg * (L_Dice + L_BCE)."""
+    """Eq. 11: L = v2t * L_V2T + t2v * L_T2V + ccl * L_CCL + seg * (dice * L_Dice + bce * L_BCE).
+
+    The defaults are the official code's: 5 * (0.5 Dice + 0.5 BCE).
+    """
 
     v2t: float = 1.0
     t2v: float = 1.0
     ccl: float = 0.2
     seg: float = 5.0
+    dice: float = 0.5
+    bce: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if not value >= 0:
+                raise ValueError(f"loss_weights.{name} must be non-negative, got {value}")
 
 
 @dataclass
@@ -48,16 +58,28 @@ class RecLMISConfig:
     # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
     # official code, where the note reaches the decoder only through attention patterns (see README)
     interaction_residual: bool = True
+    # each reconstructor (CVR, CLR): a memory stack encoding the condition source, then a reconstruction
+    # stack rebuilding the masked tokens (the official DualTransformer: 3 + 3, 4 + 4 in the QaTa recipe)
+    recon_memory_layers: int = 3
     recon_layers: int = 3
     recon_heads: int = 4
     recon_dropout: float = 0.1
+    # the official causal mask in the reconstructors' self-attentions (token i attends to tokens <= i, in
+    # raster order for the image); off by default (see README)
+    recon_causal: bool = False
     attention_mode: str = "reweight"  # "reweight" (official code) or "scale" (literal Eq. 7)
+    # dropout on V' and E' before the W_poi / W_woi heads, in training (official: 0.5 MosMed and MoNuSeg)
+    w_head_dropout: float = 0.0
     img_mask_ratio: float = 0.5
     text_mask_ratio: float = 0.3
     detach_recon_targets: bool = True  # detach W_poi/W_woi and the targets in Eq. 8/10
     # standardise each target token (LayerNorm without affine, as MAE's normalised-pixel loss): a text tower
     # trained from scratch can otherwise inflate its features and with them L_V2T; off = raw features
     normalize_recon_targets: bool = True
+    # Dice loss 1 - (2 sum(p t) + s) / (sum(p^2) + sum(t^2) + s) with squared terms (official, V-Net) or
+    # 1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s) (off); s = dice_smooth
+    dice_squared: bool = True
+    dice_smooth: float = 4e-5  # official: 1e-5 on prediction and mask both halved, the same loss as 4e-5 here
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
     loss_weights: LossWeights = field(default_factory=LossWeights)
@@ -98,9 +120,18 @@ class RecLMISConfig:
             )
         if self.attention_mode not in ("reweight", "scale"):
             raise ValueError(f"attention_mode must be 'reweight' or 'scale', got {self.attention_mode!r}")
-        for name in ("img_mask_ratio", "text_mask_ratio"):
+        for name in ("img_mask_ratio", "text_mask_ratio", "recon_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.w_head_dropout < 1.0:
+            raise ValueError(f"w_head_dropout must be in [0, 1), got {self.w_head_dropout}")
+        for name in ("recon_memory_layers", "recon_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.recon_layers < 1 and (self.use_cvr or self.use_clr):
+            raise ValueError("recon_layers must be at least 1 while use_cvr or use_clr is on")
+        if not self.dice_smooth > 0:
+            raise ValueError(f"dice_smooth must be positive, got {self.dice_smooth}")
         for name, heads in (("interaction_heads", self.interaction_heads), ("recon_heads", self.recon_heads)):
             if self.visual_width % heads:
                 raise ValueError(
@@ -146,6 +177,12 @@ PRESETS: dict[str, RecLMISConfig] = {
 }
 
 
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+SCHEDULERS = ("cosine", "cosine_restarts", "exponential", "constant")
+MASK_RESIZE_MODES = ("nearest", "bilinear")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping; the paper's values live in the recipes (configs/*_paper.yaml)."""
@@ -153,8 +190,17 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 8
     lr: float = 3e-4
-    weight_decay: float = 0.0
-    min_lr: float = 1e-6  # cosine annealing floor
+    weight_decay: float = 0.0  # Adam's L2 penalty; the official recipes use none
+    # learning rate per epoch e (stepped once per epoch), never below min_lr:
+    #   "cosine_restarts"  min_lr + (lr - min_lr) (1 + cos(pi (e mod restart_epochs) / restart_epochs)) / 2
+    #                      (SGDR; the official QaTa and MoNuSeg schedule, and the default)
+    #   "cosine"           the same with one period of `epochs` epochs: one annealing over the run
+    #   "exponential"      max(lr * lr_decay^e, min_lr) (official MosMedData+)
+    #   "constant"         lr
+    scheduler: str = "cosine_restarts"
+    min_lr: float = 1e-4
+    restart_epochs: int = 10
+    lr_decay: float = 0.99
     precision: str = (
         "auto"  # "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "fp32", "fp16", "bf16"
     )
@@ -174,6 +220,15 @@ class TrainConfig:
     sync_batchnorm: bool = False
     global_contrastive: bool | None = None  # None: on when the world size is above 1
     cache_images: bool = True
+    # torch.compile the model (off until measured: README, Performance). compile_mode "auto" is
+    # "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on CUDA and
+    # the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick check)
+    compile: bool = False
+    compile_mode: str = "auto"
+    compile_backend: str = "inductor"
+    # masks brought to the model's image size: "nearest", or "bilinear" as the official loader (bilinear
+    # resampling of the 0/255 mask, then every value above 0 is foreground: a slightly dilated mask)
+    mask_resize: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -182,11 +237,29 @@ class TrainConfig:
             raise ValueError(f"note_frame must be one of {FRAMES}, got {self.note_frame!r}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
+            )
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.mask_resize not in MASK_RESIZE_MODES:
+            raise ValueError(f"mask_resize must be nearest or bilinear, got {self.mask_resize!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.restart_epochs < 1:
+            raise ValueError(f"restart_epochs must be at least 1, got {self.restart_epochs}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

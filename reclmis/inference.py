@@ -31,16 +31,21 @@ def evaluate(
     save_predictions: str | Path | None = None,
     per_image_csv: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, float | int]:
+    mask_resize: str = "nearest",
+    empty_score: float = 1.0,
+) -> dict[str, float | int | str]:
     """Per-image Dice and IoU at threshold 0.5, averaged over the images of ``split``.
 
+    Ground-truth masks are resized to the model's input by ``mask_resize`` ("nearest", or "bilinear" then
+    > 0 as the official loader); an image whose mask and prediction are both empty scores ``empty_score``
+    (1, or 0 as the official test script). Both conventions are returned with the scores.
     ``save_predictions`` receives, per image, the predicted mask and an overlay (true positives green,
     false negatives red, false positives blue); ``per_image_csv`` the per-image scores.
     """
     model = model.eval().to(device)
-    dataset = LViTDataset(data_root, split, model.config.image_size, cache=False)
+    dataset = LViTDataset(data_root, split, model.config.image_size, cache=False, mask_resize=mask_resize)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=NoteCollator(model.tokenizer))
-    meter = DiceIoUMeter()
+    meter = DiceIoUMeter(empty_score)
     rows: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     out_dir = Path(save_predictions) if save_predictions is not None else None
     if out_dir is not None:
@@ -67,7 +72,7 @@ def evaluate(
             writer = csv.writer(handle)
             writer.writerow(["image", "dice", "iou"])
             writer.writerows((name, f"{float(d):.6f}", f"{float(i):.6f}") for name, d, i in rows)
-    return meter.compute()
+    return meter.compute() | {"mask_resize": mask_resize, "empty_score": empty_score}
 
 
 @dataclass

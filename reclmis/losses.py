@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from reclmis.ops import max_similarity
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss per image, averaged over the batch: 1 - (2|P.G| + s) / (|P| + |G| + s)."""
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, *, squared: bool = False
+) -> torch.Tensor:
+    """Soft Dice loss per image, averaged over the batch, with P = sigmoid(logits) and G = target:
+    1 - (2 sum(P G) + s) / (sum(P) + sum(G) + s), or with ``squared`` (the official code's, as V-Net)
+    1 - (2 sum(P G) + s) / (sum(P^2) + sum(G^2) + s)."""
     probs = torch.sigmoid(logits.float()).flatten(1)
     target = target.float().flatten(1)
     overlap = (probs * target).sum(1)
-    return (1 - (2 * overlap + smooth) / (probs.sum(1) + target.sum(1) + smooth)).mean()
+    total = probs.square().sum(1) + target.square().sum(1) if squared else probs.sum(1) + target.sum(1)
+    return (1 - (2 * overlap + smooth) / (total + smooth)).mean()
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

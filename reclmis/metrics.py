@@ -1,9 +1,15 @@
 """Per-image foreground Dice and IoU, averaged over images (the LViT and RecLMIS evaluation protocol).
 
 Predictions are binarised at probability 0.5 (:func:`binarize`), then each image scores
-``Dice = 2|P & T| / (|P| + |T|)`` and ``IoU = |P & T| / |P | T|``; an image whose mask and prediction are
-both empty scores 1 on both. The dataset score is the mean over images, not over pixels. Everything stays
-on the tensors' device: nothing here reads a value back to the host except :meth:`DiceIoUMeter.compute`.
+``Dice = 2|P & T| / (|P| + |T|)`` and ``IoU = |P & T| / |P | T|``. The dataset score is the mean over
+images, not over pixels. Everything stays on the tensors' device: nothing here reads a value back to the
+host except :meth:`DiceIoUMeter.compute`.
+
+An image whose mask and prediction are both empty has no defined score; ``empty_score`` chooses it:
+
+- 1 (default): a correct empty answer is a perfect one;
+- 0 (``OFFICIAL_EMPTY_SCORE``): the official test script's ``2|P & T| / (|P| + |T| + 1e-5)`` and sklearn's
+  ``jaccard_score`` give 0. Use it to compare with the paper's and LViT's tables.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["DiceIoUMeter", "binarize", "dice_iou"]
+__all__ = ["OFFICIAL_EMPTY_SCORE", "DiceIoUMeter", "binarize", "dice_iou"]
+
+OFFICIAL_EMPTY_SCORE = 0.0
 
 
 def binarize(prediction: torch.Tensor, *, from_logits: bool, threshold: float = 0.5) -> torch.Tensor:
@@ -31,13 +39,17 @@ def binarize(prediction: torch.Tensor, *, from_logits: bool, threshold: float = 
     return prediction >= threshold
 
 
-def dice_iou(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dice_iou(
+    prediction: torch.Tensor, target: torch.Tensor, empty_score: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image Dice and IoU of boolean masks ``prediction`` and ``target``, shape (B, ...), e.g. (B, 1, H, W).
 
-    Returns two float32 tensors (B,) on the inputs' device. Binarise scores with :func:`binarize` and
-    float masks with ``mask > 0.5`` first: non-boolean inputs raise TypeError, so that probabilities are
-    never counted as foreground by accident.
+    Returns two float32 tensors (B,) on the inputs' device; an image with both masks empty scores
+    ``empty_score`` (see the module docstring). Binarise scores with :func:`binarize` and float masks with
+    ``mask > 0.5`` first: non-boolean inputs raise TypeError, so that probabilities are never counted as
+    foreground by accident.
     """
+    _check_empty_score(empty_score)
     for name, tensor in (("prediction", prediction), ("target", target)):
         if tensor.dtype != torch.bool:
             raise TypeError(
@@ -57,9 +69,14 @@ def dice_iou(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     actual = target.sum(1, dtype=torch.float32)
     union = predicted + actual - intersection
     empty = union == 0
-    dice = torch.where(empty, 1.0, 2.0 * intersection / (predicted + actual).clamp_min(1.0))
-    iou = torch.where(empty, 1.0, intersection / union.clamp_min(1.0))
+    dice = torch.where(empty, empty_score, 2.0 * intersection / (predicted + actual).clamp_min(1.0))
+    iou = torch.where(empty, empty_score, intersection / union.clamp_min(1.0))
     return dice, iou
+
+
+def _check_empty_score(empty_score: float) -> None:
+    if isinstance(empty_score, bool) or empty_score not in (0.0, 1.0):
+        raise ValueError(f"empty_score must be 1 or 0 (the official convention), got {empty_score!r}")
 
 
 class DiceIoUMeter:
@@ -67,17 +84,20 @@ class DiceIoUMeter:
 
     ``update`` takes boolean masks (B, ...) and returns that batch's per-image ``(dice, iou)`` (e.g. for a
     per-image CSV) without a host synchronisation. Under ``torch.distributed`` call :meth:`all_reduce`
-    once before :meth:`compute` to average over every process's images.
+    once before :meth:`compute` to average over every process's images. ``empty_score`` is the score of an
+    image whose mask and prediction are both empty (1, or 0 as the official test script).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, empty_score: float = 1.0) -> None:
+        _check_empty_score(empty_score)
+        self.empty_score = empty_score
         self._sums: torch.Tensor | None = None  # (dice sum, IoU sum, image count), float64
 
     def reset(self) -> None:
         self._sums = None
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dice, iou = dice_iou(prediction, target)
+        dice, iou = dice_iou(prediction, target, self.empty_score)
         count = torch.full((), float(dice.numel()), dtype=torch.float64, device=dice.device)
         batch = torch.stack((dice.sum(dtype=torch.float64), iou.sum(dtype=torch.float64), count))
         self._sums = batch if self._sums is None else self._sums + batch

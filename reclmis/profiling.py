@@ -10,19 +10,19 @@ import torch
 from torch import nn
 
 from reclmis.config import RecLMISConfig
-from reclmis.data.tokenizer import NoteTokenizer
-from reclmis.model import RecLMIS
+from reclmis.model import NoteTokenizer, RecLMIS
 
 
 @dataclass
 class ModelProfile:
-    preset: str
+    preset: str  # the preset or recipe profiled
     image_size: int
     tokens: int
     gflops_inference: float  # eval-mode graph, batch 1, text encoder included
     params_inference_m: float  # eval-mode modules outside the text encoder
     params_text_encoder_m: float
     params_training_only_m: float  # reconstructors and contrastive logit scale
+    recon_layers: str  # memory + reconstruction layers per reconstructor, e.g. "4+4"
 
     @property
     def params_training_m(self) -> float:
@@ -38,6 +38,7 @@ class ModelProfile:
             ("inference params (M, without text encoder)", f"{self.params_inference_m:.2f}"),
             ("text encoder params (M)", f"{self.params_text_encoder_m:.2f}"),
             ("training-only params (M)", f"{self.params_training_only_m:.2f}"),
+            ("reconstructor layers (memory+reconstruction)", self.recon_layers),
             ("training params (M, all)", f"{self.params_training_m:.2f}"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -88,11 +89,18 @@ def profile_model(model: RecLMIS, tokens: int, preset: str = "custom") -> ModelP
         params_inference_m=_millions(inference),
         params_text_encoder_m=_millions(text_params),
         params_training_only_m=_millions(model.training_only_parameters()),
+        recon_layers=f"{cfg.recon_memory_layers}+{cfg.recon_layers}",
     )
 
 
-def profile_preset(preset: str, image_size: int, tokens: int) -> ModelProfile:
-    """Profile a preset with a placeholder tokenizer of the preset's vocabulary size."""
-    config = RecLMISConfig.preset(preset, image_size=image_size, max_text_len=max(tokens, 2))
+def profile_config(config: RecLMISConfig, tokens: int, name: str = "custom") -> ModelProfile:
+    """Profile the model of ``config`` with notes of ``tokens`` tokens (its ``max_text_len``) and a
+    placeholder tokenizer of its vocabulary size."""
+    config = config.replace(max_text_len=max(tokens, 2))
     tokenizer = NoteTokenizer.placeholder(config.vocab_size, config.max_text_len)
-    return profile_model(RecLMIS(config, tokenizer), tokens, preset)
+    return profile_model(RecLMIS(config, tokenizer), tokens, name)
+
+
+def profile_preset(preset: str, image_size: int, tokens: int) -> ModelProfile:
+    """Profile a preset at ``image_size`` with notes of ``tokens`` tokens."""
+    return profile_config(RecLMISConfig.preset(preset, image_size=image_size), tokens, preset)

@@ -22,7 +22,7 @@ from reclmis.data import (
     make_synthetic,
     read_notes,
 )
-from reclmis.data.transforms import gaussian_blur, hsv_to_rgb, rgb_to_hsv, rotate
+from reclmis.data.transforms import gaussian_blur, hsv_to_rgb, resize_mask, rgb_to_hsv, rotate
 
 MONUSEG = Path(
     os.environ.get(
@@ -186,6 +186,48 @@ def test_masks_resize_nearest_and_stay_binary(tmp_path):
     expected[0, 2:6, 2:6] = 1
     expected[0, 10, 16] = expected[0, 17, 3] = 1
     assert torch.equal(item["mask"], expected)
+
+
+def test_masks_resize_bilinear_then_above_zero_as_the_official_loader(tmp_path):
+    """cv2.resize (bilinear, half-pixel centres) of the 0/255 mask, then > 0: shrinking 40 -> 20, output
+    pixel i blends source pixels 2i and 2i + 1 equally, so a single pixel survives wherever it lies."""
+    make_split(tmp_path, n=1, size=40)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[4:12, 4:12] = 255
+    mask[21, 33] = mask[20, 6] = 255  # odd and even coordinates; nearest sampling keeps only the first
+    Image.fromarray(mask).save(tmp_path / "Train_Folder" / "labelcol" / "case0.png")
+    expected = torch.zeros(1, 20, 20)
+    expected[0, 2:6, 2:6] = 1
+    expected[0, 10, 16] = 1
+    nearest = LViTDataset(tmp_path, "train", image_size=20)[0]["mask"]
+    assert torch.equal(nearest, expected)
+    expected[0, 10, 3] = 1
+    bilinear = LViTDataset(tmp_path, "train", image_size=20, mask_resize="bilinear")[0]["mask"]
+    assert torch.equal(bilinear, expected)
+    with pytest.raises(ValueError, match="mask_resize"):
+        LViTDataset(tmp_path, "train", image_size=20, mask_resize="area")
+
+
+def test_bilinear_mask_upscaling_dilates_by_the_bilinear_footprint():
+    """4 -> 8: output row y samples source row y / 2 - 1/4 (clamped at 0), so source pixel (1, 1) reaches
+    output rows and columns 1..4 with weights 1/16 to 9/16 (all above the 8-bit threshold 1/510); nearest
+    sampling gives the 2 x 2 block 2..3."""
+    source = torch.zeros(4, 4, dtype=torch.bool)
+    source[1, 1] = True
+    bilinear = torch.zeros(8, 8, dtype=torch.bool)
+    bilinear[1:5, 1:5] = True
+    nearest = torch.zeros(8, 8, dtype=torch.bool)
+    nearest[2:4, 2:4] = True
+    assert torch.equal(resize_mask(source, 8, "bilinear"), bilinear)
+    assert torch.equal(resize_mask(source, 8, "nearest"), nearest)
+    assert torch.equal(resize_mask(source, 4, "bilinear"), source)  # same size: untouched
+    # no antialiasing (cv2's INTER_LINEAR): shrinking 1000 -> 2, output (0, 0) samples source
+    # (249.5, 249.5) and never sees pixel (0, 0)
+    big = torch.zeros(1000, 1000, dtype=torch.bool)
+    big[0, 0] = True
+    assert not resize_mask(big, 2, "bilinear").any()
+    with pytest.raises(ValueError, match="bool CPU tensor"):
+        resize_mask(source.float(), 8)
 
 
 def test_shared_train_val_notes_in_the_root_serve_train_and_val(tmp_path):

@@ -152,3 +152,38 @@ def test_resume_across_world_sizes(synthetic, tmp_path) -> None:
     _spawn(_train_rank, str(synthetic), str(run), 2, True, str(tmp_path / "b"))
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert len(_read_logs(tmp_path / "b")[0]["checksums"]) == 32 // (4 * WORLD)
+
+
+# -- DDP with train.compile -------------------------------------------------------------------------------
+
+
+def _compiled_train_rank(rank: int, port: int, data: str, out: str, log: str) -> None:
+    _join(rank, port)
+    model_config, train_config = tiny_configs(1)
+    train_config = TrainConfig(**(train_config.to_dict() | {"compile": True, "compile_backend": "eager"}))
+    trainer = Trainer(model_config, train_config, data, out, progress=False)
+    diffs: list[float] = []
+
+    def compare_ranks(*_) -> None:
+        flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        both = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(both, flat)
+        diffs.append(float((both[0] - both[1]).abs().max()))
+
+    trainer.optimizer.register_step_post_hook(compare_ranks)
+    trainer.fit()
+    compiled = trainer.train_module is not trainer.ddp
+    Path(f"{log}.{rank}").write_text(json.dumps({"diffs": diffs, "compiled": compiled}))
+    dist.destroy_process_group()
+
+
+def test_ddp_with_compile(synthetic, tmp_path) -> None:
+    # dynamo traces the DDP module, split at its gradient buckets; the "eager" backend keeps this quick
+    # (resume with compile: tests/test_compile.py)
+    run = tmp_path / "run"
+    _spawn(_compiled_train_rank, str(synthetic), str(run), str(tmp_path / "log"))
+    for entry in _read_logs(tmp_path / "log"):
+        assert entry["compiled"] and len(entry["diffs"]) == 32 // (4 * WORLD)
+        assert all(diff == 0.0 for diff in entry["diffs"])
+    state = load_checkpoint(run / "last.pt")
+    assert not [key for key in state["model"] if key.startswith(("module.", "_orig_mod."))]

@@ -18,6 +18,14 @@ def test_dice_loss_by_hand() -> None:
     torch.testing.assert_close(bce_loss(logits, target), F.binary_cross_entropy_with_logits(logits, target))
 
 
+def test_squared_dice_loss_by_hand() -> None:
+    logits = torch.tensor([[[[0.0, 0.0], [10.0, -10.0]]]])  # probabilities 0.5, 0.5, ~1, ~0
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    # sum(P G) = 1.5, sum(P^2) = 1.5, sum(G^2) = 2 -> 1 - (3 + s) / (3.5 + s)
+    loss = dice_loss(logits, target, smooth=1e-5, squared=True)
+    torch.testing.assert_close(loss, torch.tensor(1 - (3 + 1e-5) / (3.5 + 1e-5)), atol=1e-4, rtol=0)
+
+
 def test_weighted_reconstruction_is_mse_under_uniform_weights() -> None:
     x, x_hat = torch.randn(3, 7, 5), torch.randn(3, 7, 5)
     uniform = torch.full((3, 7), 1 / 7)

@@ -94,7 +94,7 @@ def assert_matches(got, want, inputs):
     [
         ((3, 4, 70, 21, 80), True),  # N and C cross their tiles; every kind of padded text
         ((5, 2, 17, 5, 24), True),  # Bi > Bt: the text-side backward splits over image groups
-        ((2, 6, 40, 40, 33), False),  # odd C, a 64-wide token tile, no mask
+        ((2, 6, 40, 40, 33), False),  # odd C, no mask, each text spanning three of the forward's tiles
     ],
     ids=["tiles", "split", "nomask"],
 )
@@ -134,6 +134,7 @@ def test_text_without_valid_tokens_contributes_nothing():
 
 
 def test_backward_is_deterministic():
+    """No atomics: two forward and backward passes agree bitwise (the text side split over image groups)."""
     inputs, mask = make_inputs(5, 2, 17, 5, 24, torch.float16)
     first, _ = run_both(inputs, mask, normalize=True)
     second, _ = run_both(inputs, mask, normalize=True)
@@ -141,13 +142,91 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_packed_tiles_of_notes_with_different_lengths(normalize, dtype):
+    """Texts share the forward's token tiles and straddle their edges, images straddle its blocks: seven
+    notes of 5 tokens with 5, 3, 1, 0, 2, 5, 4 valid (one valid token next to an empty note) against five
+    images of 20 tokens."""
+    bi, bt, n, l, c = 5, 7, 20, 5, 24
+    cfg = kernels._Config.of(bi, bt, n, l, c, dtype)
+    assert l < cfg.block_l < bt * l and cfg.block_l % l, "several notes per tile, some cut by a tile edge"
+    assert cfg.block_n < bi * n and cfg.block_n % n, "images cut by block edges"
+    inputs, _ = make_inputs(bi, bt, n, l, c, dtype, masked=False)
+    mask = (torch.arange(l)[None] < torch.tensor([5, 3, 1, 0, 2, 5, 4])[:, None]).to(DEVICE)
+    got, want = run_both(inputs, mask, normalize)
+    assert_matches(got, want, inputs)
+    s, _, d_txt, _, d_txt_weight = got
+    assert torch.equal(s[:, 3], torch.zeros_like(s[:, 3]))  # the empty note scores 0
+    assert torch.equal(d_txt[~mask], torch.zeros_like(d_txt[~mask]))
+    assert torch.equal(d_txt_weight[~mask], torch.zeros_like(d_txt_weight[~mask]))
+
+
+def test_wide_channels_stream_the_image_block(monkeypatch):
+    """An image block that does not fit on chip (C > 512 at 64 fp16 tokens) is streamed in channel blocks."""
+    monkeypatch.setattr(kernels, "RESIDENT_BYTES", 0)
+    bi, bt, n, l, c = 3, 4, 30, 7, 80
+    assert not kernels._Config.of(bi, bt, n, l, c, torch.float16).resident
+    inputs, mask = make_inputs(bi, bt, n, l, c, torch.float16)
+    got, want = run_both(inputs, mask, normalize=True)
+    assert_matches(got, want, inputs)
+
+
+@pytest.mark.parametrize(
+    "wanted", [(0,), (1,), (2,), (3,), (1, 2)], ids=["img", "txt", "img_w", "txt_w", "mixed"]
+)
+def test_only_the_requested_gradients(wanted):
+    """The backward computes the gradients autograd asks for, each equal to the one of a full backward."""
+    inputs, mask = make_inputs(3, 4, 20, 6, 16, torch.float32)
+    leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    s = reclmis.ops.max_similarity(*leaves, mask, backend="triton")
+    d_s = torch.randn(s.shape, generator=torch.Generator().manual_seed(1)).to(s.device)
+    grads = torch.autograd.grad(s, [leaves[i] for i in wanted], d_s)
+    full = run_both(inputs, mask, normalize=True)[0][1:]
+    for i, g in zip(wanted, grads, strict=True):
+        assert torch.equal(g, full[i]), GRADS[i]
+
+
+def test_images_longer_than_a_backward_block():
+    """N = 300 image tokens: the backward sorts and sums them in two blocks of 256, and the image token a
+    text token picked may lie in either."""
+    inputs, mask = make_inputs(2, 3, 300, 7, 16, torch.float32)
+    assert kernels._Config.of(2, 3, 300, 7, 16, torch.float32).bwd_r < 300
+    got, want = run_both(inputs, mask, normalize=True)
+    assert_matches(got, want, inputs)
+
+
+def test_long_texts_index_in_int32():
+    """From 127 text tokens on, the argmax over tokens and the backward's sort keys no longer fit int16."""
+    inputs, mask = make_inputs(2, 3, 11, 130, 16, torch.float32)
+    got, want = run_both(inputs, mask, normalize=True)
+    assert_matches(got, want, inputs)
+    row_arg = torch.ops.reclmis.max_similarity_forward(*inputs, mask.view(torch.uint8), True)[4]
+    assert row_arg.dtype == torch.int32
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """Records the overload packets of every op dispatched (custom ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
 def test_op_dispatches_to_the_kernel():
     inputs, mask = make_inputs(2, 3, 9, 4, 16, torch.float32)
-    s = reclmis.ops.max_similarity(*[t.requires_grad_() for t in inputs], mask, backend="triton")
-    assert type(s.grad_fn) is kernels.MaxSimilarityFunction._backward_cls
-    expected = "triton" if DEVICE == "cuda" else "reference"
-    s_auto = reclmis.ops.max_similarity(*inputs, mask, backend="auto")
-    assert (type(s_auto.grad_fn) is kernels.MaxSimilarityFunction._backward_cls) == (expected == "triton")
+    leaves = [t.requires_grad_() for t in inputs]
+    with _DispatchedOps() as dispatched:
+        reclmis.ops.max_similarity(*leaves, mask, backend="triton").sum().backward()
+    fused = {torch.ops.reclmis.max_similarity_forward, torch.ops.reclmis.max_similarity_backward}
+    assert fused <= dispatched.ops
+    with _DispatchedOps() as dispatched:
+        reclmis.ops.max_similarity(*inputs, mask, backend="auto")
+    assert (torch.ops.reclmis.max_similarity_forward in dispatched.ops) == (DEVICE == "cuda")
 
 
 class _LargestAllocation(TorchDispatchMode):
@@ -166,8 +245,9 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_memory_is_linear_in_tokens():
-    """Only the int32 argmax indices (Bi*Bt*(N+L)) and inverse norms are saved, and no op in the forward or
-    backward creates anything near the Bi*Bt*N*L similarity tensor."""
+    """Saved for the backward: the maxima and their argmax indices (Bi*Bt*(N+L) of each; int16 over L < 127
+    text tokens) and the inverse norms; no op in the forward or backward creates anything near the
+    Bi*Bt*N*L similarity tensor."""
     bi, bt, n, l, c = 4, 4, 100, 40, 16
     inputs, mask = make_inputs(bi, bt, n, l, c, torch.float32)
     leaves = [t.requires_grad_() for t in inputs]
@@ -178,9 +258,49 @@ def test_memory_is_linear_in_tokens():
     s = reclmis.ops.max_similarity(*leaves, mask, backend="triton")
     inputs_ptrs = {t.data_ptr() for t in leaves}
     saved = [t for t in s.grad_fn.saved_tensors if t.data_ptr() not in inputs_ptrs]
-    int_saved = sum(t.numel() for t in saved if t.dtype == torch.int32)
-    assert int_saved == bi * bt * (n + l)
-    assert sum(t.numel() for t in saved if t.dtype != torch.int32) <= bi * n + bt * l + bt * l  # norms, mask
+    assert sum(t.numel() for t in saved if t.dtype == torch.int16) == bi * bt * n  # argmax over tokens
+    assert sum(t.numel() for t in saved if t.dtype == torch.int32) == bi * bt * l  # argmax over patches
+    maxima_and_norms = bi * bt * (n + l) + bi * n + bt * l
+    assert sum(t.numel() for t in saved if t.dtype == torch.float32) == maxima_and_norms
+    assert sum(t.numel() for t in saved if t.dtype == torch.uint8) == bt * l  # the mask
+
+
+def op_args(bi=2, bt=3, n=9, l=4, c=16, normalize=True):
+    """Arguments of reclmis::max_similarity_forward, and of its backward given that forward's outputs."""
+    inputs, mask = make_inputs(bi, bt, n, l, c, torch.float32)
+    forward = (*inputs, mask.view(torch.uint8), normalize)
+    saved = torch.ops.reclmis.max_similarity_forward(*forward)
+    d_s = torch.randn(bi, bt, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    return forward, (d_s, *inputs, mask.view(torch.uint8), *saved[1:], normalize, [True, True, True, True])
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_custom_ops_pass_opcheck(normalize):
+    """Schema, fake kernels (static and dynamic shapes) and the autograd registration of both custom ops."""
+    forward, backward = op_args(normalize=normalize)
+    forward = tuple(t.detach().clone().requires_grad_() for t in forward[:4]) + forward[4:]
+    torch.library.opcheck(torch.ops.reclmis.max_similarity_forward.default, forward)
+    torch.library.opcheck(torch.ops.reclmis.max_similarity_backward.default, backward)
+
+
+def test_compiled_graph_has_no_break_and_matches_eager():
+    """torch.compile(fullgraph=True) traces the public op, forward and backward, as one graph (the custom ops
+    opaque), with the eager result and gradients."""
+    inputs, mask = make_inputs(3, 4, 20, 6, 16, torch.float32)
+
+    def loss(img, txt, img_weight, txt_weight):
+        s = reclmis.ops.max_similarity(img, txt, img_weight, txt_weight, mask, backend="triton")
+        return (s * torch.arange(s.numel(), device=s.device).view(s.shape)).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss, compiled):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        value = fn(*leaves)
+        value.backward()
+        results.append((value, *[t.grad for t in leaves]))
+    for eager, traced in zip(*results, strict=True):
+        torch.testing.assert_close(traced, eager, atol=0, rtol=0)
 
 
 def paper_inputs(batch, dtype, seed=1):
@@ -251,11 +371,36 @@ def peak_extra_bytes(inputs, mask, backend):
 @pytest.mark.gpu
 @needs_compiled_cuda
 def test_gpu_memory_at_batch_256():
-    """Extra memory O(B^2 (N+L)) + O(inputs), a tenth of what the materialising reference needs or less."""
+    """Extra memory O(B^2 (N+L)) + O(inputs), a tenth of what the materialising reference needs or less:
+    maxima and indices (at most 8 bytes per pair and token), the backward's sort keys (4) and the forward's
+    per-block partial maxima (8 per pair and text token, two images per block), fp32 gradient buffers."""
     batch, n, l, c = 256, 196, 18, 512
     inputs, mask = paper_inputs(batch, torch.float16)
     fused = peak_extra_bytes(inputs, mask, "auto")
-    assert (
-        fused <= 4 * batch * batch * (n + l) + 4 * 4 * batch * (n + l) * c + 2**20
-    )  # indices, fp32 grad buffers
+    assert fused <= 12 * batch * batch * (n + l) + 4 * 4 * batch * (n + l) * c + 2**20
     assert fused * 10 <= peak_extra_bytes(inputs, mask, "reference")
+
+
+@pytest.mark.gpu
+@needs_compiled_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_compiled_matches_eager(mode):
+    """torch.compile with Inductor (and CUDA graphs in "reduce-overhead") around the custom ops, bf16 at the
+    paper shape: one graph, the eager kernels' gradients bitwise."""
+    inputs, mask = paper_inputs(32, torch.bfloat16)
+    d_s = torch.randn(32, 32, device="cuda")
+
+    def loss(img, txt, img_weight, txt_weight):
+        return (reclmis.ops.max_similarity(img, txt, img_weight, txt_weight, mask) * d_s).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, mode=mode)
+    results = []
+    for fn in (loss, compiled, compiled, compiled):  # eager; warm-up, CUDA-graph recording, replay
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        value = fn(*leaves)
+        value.backward()
+        results.append((value.detach().clone(), *[t.grad.clone() for t in leaves]))
+    for traced in results[1:]:
+        torch.testing.assert_close(traced[0], results[0][0])  # Inductor may sum (S * dS) in another order
+        for a, b in zip(traced[1:], results[0][1:], strict=True):
+            assert torch.equal(a, b)

@@ -53,6 +53,23 @@ def test_empty_cases():
     assert dice_iou(full, full) == (torch.tensor([1.0]), torch.tensor([1.0]))
 
 
+def test_official_empty_mask_convention_scores_zero():
+    """The official test script: Dice 2|P&T| / (|P| + |T| + 1e-5) and sklearn's jaccard_score are 0 when
+    both masks are empty; every other case scores as the default convention."""
+    empty = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    dice, iou = dice_iou(empty, empty, empty_score=0.0)
+    assert dice.tolist() == iou.tolist() == [0.0, 0.0]
+    batch_p, batch_t = torch.cat([PREDICTION[None], empty[:1]]), torch.cat([TARGET[None], empty[:1]])
+    default, official = DiceIoUMeter(), DiceIoUMeter(empty_score=0.0)
+    default.update(batch_p, batch_t)
+    official.update(batch_p, batch_t)
+    assert default.compute()["dice"] == pytest.approx((4 / 7 + 1) / 2)
+    assert official.compute()["dice"] == pytest.approx((4 / 7 + 0) / 2)
+    assert official.compute()["iou"] == pytest.approx((2 / 5 + 0) / 2)
+    with pytest.raises(ValueError, match="empty_score"):
+        dice_iou(empty, empty, empty_score=0.5)
+
+
 def test_batched_per_image_with_and_without_channel_axis():
     prediction = torch.stack([PREDICTION, torch.zeros_like(PREDICTION), TARGET])
     target = torch.stack([TARGET, torch.zeros_like(TARGET), TARGET])

@@ -8,8 +8,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from reclmis.config import RecLMISConfig
-from reclmis.data.tokenizer import BOS, EOS, PAD, NoteTokenizer
 from reclmis.model import RecLMIS
+from reclmis.model.tokenizer import BOS, EOS, PAD, NoteTokenizer
 
 NOTES = [
     "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
@@ -57,12 +57,42 @@ def test_total_is_eq11_weighted_sum() -> None:
     model = make_model()
     out = model.train()(*make_batch(model))
     l = out.losses
-    expected = l["v2t"] + l["t2v"] + 0.2 * l["ccl"] + 5 * (l["dice"] + l["bce"])
+    expected = l["v2t"] + l["t2v"] + 0.2 * l["ccl"] + 5 * (0.5 * l["dice"] + 0.5 * l["bce"])  # official
     torch.testing.assert_close(l["total"], expected)
+    weights = {"seg": 2.0, "dice": 1.0, "bce": 0.0, "ccl": 0.0, "t2v": 0.0, "v2t": 3.0}
+    w = make_model(loss_weights=weights).train()(*make_batch(model)).losses
+    torch.testing.assert_close(w["total"], 3 * w["v2t"] + 2 * w["dice"])
 
 
-def test_every_trainable_parameter_gets_a_gradient() -> None:
+def test_segmentation_loss_is_the_official_dice_by_default() -> None:
     model = make_model()
+    images, ids, mask, masks = make_batch(model)
+    out = model.train()(images, ids, mask, masks)
+    probs = torch.sigmoid(out.logits).flatten(1)
+    target = masks.flatten(1)
+    squared = 1 - (2 * (probs * target).sum(1) + 4e-5) / ((probs**2).sum(1) + (target**2).sum(1) + 4e-5)
+    torch.testing.assert_close(out.losses["dice"], squared.mean())
+    model = make_model(dice_squared=False, dice_smooth=1.0)
+    out = model.train()(images, ids, mask, masks)
+    probs = torch.sigmoid(out.logits).flatten(1)
+    linear = 1 - (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
+    torch.testing.assert_close(out.losses["dice"], linear.mean())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"recon_causal": True},
+        {"w_head_dropout": 0.5},
+        {"attention_mode": "scale"},
+        {"recon_memory_layers": 0},
+    ],
+    ids=str,
+)
+def test_every_trainable_parameter_gets_a_gradient(overrides: dict) -> None:
+    """No parameter that never receives a gradient (the official memory layers' idle cross-attention)."""
+    model = make_model(**overrides)
     model.train()(*make_batch(model)).losses["total"].backward()
     missing = [
         n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())

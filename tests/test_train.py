@@ -120,14 +120,21 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
                  str(out_json), "--save-predictions", str(overlays), "--per-image-csv", str(tmp_path / "per.csv"),
                  "--device", "cpu"]) == 0  # fmt: skip
     metrics = json.loads(out_json.read_text())
-    assert (
-        set(metrics) == {"dice", "iou", "n"}
-        and metrics["n"] == 8
-        and 0 <= metrics["iou"] <= metrics["dice"] <= 1
-    )
+    assert set(metrics) == {"dice", "iou", "n", "mask_resize", "empty_score"}
+    assert metrics["n"] == 8 and 0 <= metrics["iou"] <= metrics["dice"] <= 1
+    assert (metrics["mask_resize"], metrics["empty_score"]) == ("nearest", 1.0)  # as trained
     assert len(list(overlays.glob("*_overlay.png"))) == 8
     assert len(list(csv.DictReader((tmp_path / "per.csv").open()))) == 8
     assert "Dice" in capsys.readouterr().out
+    official = tmp_path / "official.json"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(synthetic), "--json",
+                 str(official), "--official-metrics", "--device", "cpu"]) == 0  # fmt: skip
+    scores = json.loads(official.read_text())
+    assert (scores["mask_resize"], scores["empty_score"]) == ("bilinear", 0.0)
+    assert "both-empty images score 0" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(synthetic),
+                 "--official-metrics", "--empty-score", "1"]) == 2  # fmt: skip
+    assert "--official-metrics" in capsys.readouterr().err
 
     image = next((synthetic / "Test_Folder" / "img").iterdir())
     out = tmp_path / "p.png"
@@ -165,3 +172,50 @@ def test_cli_errors_are_clear(synthetic, tmp_path, capsys) -> None:
     assert "nope" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(synthetic)]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synthetic, tmp_path) -> None:
+    """A checkpoint written before ``recon_memory_layers`` (and the official segmentation loss) existed
+    rebuilds its own model: reconstructors without a memory stack, 5 * (Dice + BCE) with a linear Dice.
+    Weights that do not fit their configuration fail with a clear error, never silently."""
+    from reclmis.model import NoteTokenizer, RecLMIS
+    from reclmis.train import save_checkpoint
+
+    model_config, train_config = tiny_configs()
+    legacy = model_config.replace(
+        recon_memory_layers=0,
+        dice_squared=False,
+        dice_smooth=1.0,
+        loss_weights={**model_config.to_dict()["loss_weights"], "dice": 1.0, "bce": 1.0},
+    )
+    torch.manual_seed(0)
+    model = RecLMIS(legacy, NoteTokenizer.train(["Upper left lung."] * 4, legacy.max_text_len, 300))
+    old_config = legacy.to_dict()
+    for name in ("recon_memory_layers", "recon_causal", "w_head_dropout", "dice_squared", "dice_smooth"):
+        del old_config[name]
+    old_config["loss_weights"] = {k: old_config["loss_weights"][k] for k in ("v2t", "t2v", "ccl", "seg")}
+    state = {
+        "model": model.state_dict(),
+        "model_config": old_config,
+        "train_config": {k: v for k, v in train_config.to_dict().items() if k in ("epochs", "lr", "min_lr")},
+        "tokenizer": model.tokenizer.to_state(),
+        "text_encoder_config": model.text_encoder.hf_config(),
+    }
+    save_checkpoint(state, tmp_path / "old.pt")
+    loaded, _ = model_from_checkpoint(tmp_path / "old.pt")
+    assert loaded.config == legacy and len(loaded.cvr.memory) == 0
+    assert loaded.config.loss_weights.dice == loaded.config.loss_weights.bce == 1.0
+
+    save_checkpoint(
+        state | {"model_config": legacy.replace(recon_memory_layers=2).to_dict()}, tmp_path / "bad.pt"
+    )
+    with pytest.raises(
+        ValueError, match=r"do not fit.*: cvr\.memory\.0\.self_attention.* missing, none unexpected"
+    ):
+        model_from_checkpoint(tmp_path / "bad.pt")
+
+    save_checkpoint(
+        state | {"epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": {}}, tmp_path / "run" / "last.pt"
+    )
+    with pytest.raises(ValueError, match="recon_memory_layers"):
+        Trainer(model_config, train_config, synthetic, tmp_path / "run", resume=True, progress=False)

@@ -134,7 +134,7 @@ def test_seeds(backend: str) -> None:
 def test_auto_uses_the_extension() -> None:
     x, w, lengths = torch.randn(6, 30, 2), torch.rand(6, 30), torch.tensor([30, 0, 5, 17, 1, 29])
     auto = weighted_mask(x, w, 0.3, lengths, seed=3)
-    ext = torch.ops.reclmis.weighted_mask(x, w, 0.3, lengths, 3, False)
+    ext = torch.ops.reclmis.weighted_mask(x, w, 0.3, lengths, torch.tensor(3), False)
     assert torch.equal(auto[0], ext[0]) and torch.equal(auto[1], ext[1])
     reference = weighted_mask(x, w, 0.3, lengths, seed=3, backend="reference")[1]
     assert not torch.equal(auto[1], reference)  # another random stream, same law
@@ -186,7 +186,7 @@ def test_gradient_is_not_mask() -> None:
 def test_opcheck(lengths: torch.Tensor | None) -> None:
     x = torch.randn(3, 9, 5, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.reclmis.weighted_mask.default, (x, torch.rand(3, 9), 0.5, lengths, 3, False)
+        torch.ops.reclmis.weighted_mask.default, (x, torch.rand(3, 9), 0.5, lengths, torch.tensor(3), False)
     )
 
 
@@ -203,6 +203,35 @@ def test_torch_compile_fullgraph() -> None:
     _, mask = weighted_mask(x, w, 0.5, lengths, seed=21)
     assert torch.equal(loss, step(x, w, lengths))
     assert torch.equal(grad, 2 * x.detach() * (~mask)[..., None])
+
+
+def test_torch_compile_draws_a_seed_at_every_call() -> None:
+    # seed=None draws the seed inside the graph from torch's generator, never a constant traced into it
+    def draw(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return weighted_mask(x, w, 0.5)[1]
+
+    compiled = torch.compile(draw, backend="aot_eager", fullgraph=True)
+    x, w = torch.randn(4, 30, 2), torch.rand(4, 30)
+    torch.manual_seed(3)
+    first, second = compiled(x, w), compiled(x, w)
+    torch.manual_seed(3)
+    assert torch.equal(first, draw(x, w)) and torch.equal(second, draw(x, w))
+    assert not torch.equal(first, second)
+
+
+def test_reference_under_torch_compile_skips_host_checks() -> None:
+    # eager: a ValueError; traced: no host read, out-of-range lengths clamped and bad weights counted as zero
+    def draw(x: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return weighted_mask(x, w, 0.5, lengths, backend="reference")[1]
+
+    rows = 500
+    w = torch.tensor([-1.0, 1.0, 2.0, 1.0, float("nan"), 3.0]).repeat(rows, 1)
+    lengths = torch.tensor([9, 5]).repeat(rows // 2)
+    with pytest.raises(ValueError, match="lengths"):
+        draw(torch.zeros(rows, 6, 1), w, lengths)
+    mask = torch.compile(draw, backend="aot_eager", fullgraph=True)(torch.zeros(rows, 6, 1), w, lengths)
+    assert torch.equal(mask.sum(1), torch.tensor([3, 2]).repeat(rows // 2))
+    assert not mask[:, [0, 4]].any() and not mask[1::2, 5].any()
 
 
 def _inputs(**changes: object) -> dict[str, object]:
@@ -246,12 +275,16 @@ def test_rejects_bad_inputs(backend: str, changes: dict, error: type, match: str
         ({"weight": -torch.rand(2, 6)}, ValueError, "weight must be finite"),
         ({"lengths": torch.tensor([7, 1])}, ValueError, "lengths must lie in"),
         ({"lengths": torch.tensor([1.0, 2.0])}, TypeError, "lengths must be int64"),
+        ({"seed": torch.tensor([1, 2])}, ValueError, "seed must hold one element"),
+        ({"seed": torch.tensor(1.0)}, TypeError, "seed must be int64"),
     ],
 )
 def test_op_rejects_bad_inputs(changes: dict, error: type, match: str) -> None:
-    args = _inputs(**changes)
+    args = {"seed": torch.tensor(0)} | _inputs(**changes)
     with pytest.raises(error, match=match):
-        torch.ops.reclmis.weighted_mask(args["x"], args["weight"], args["ratio"], args["lengths"], 0, False)
+        torch.ops.reclmis.weighted_mask(
+            args["x"], args["weight"], args["ratio"], args["lengths"], args["seed"], False
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -350,6 +383,48 @@ def test_cuda_unaligned_and_long_rows() -> None:
     cpu = weighted_mask(x, w, 0.5, seed=5)
     gpu = weighted_mask(x.cuda(), w.cuda(), 0.5, seed=5)
     assert torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].cpu(), cpu[0])
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_replays_draw_new_masks() -> None:
+    # the kernel reads its seed from device memory, drawn in the graph: every replay is a new mask
+    x, w = torch.randn(16, 196, 64, device="cuda"), torch.rand(16, 196, device="cuda")
+    lengths = torch.full((16,), 150, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        weighted_mask(x, w, 0.5, lengths)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, mask = weighted_mask(x, w, 0.5, lengths)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        masks.append(mask.clone())
+    for m in masks:
+        assert (m.sum(1) == 75).all() and not m[:, 150:].any()
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert torch.equal(out, x * (~masks[-1])[..., None])
+    with pytest.raises(RuntimeError, match="check_weights"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        weighted_mask(x, w, 0.5, check_weights=True)  # would read the row checks back mid-capture
+
+
+@pytest.mark.gpu
+@cuda
+def test_reduce_overhead_compile_draws_new_masks() -> None:
+    def draw(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return weighted_mask(x, w, 0.5)[1]
+
+    compiled = torch.compile(draw, mode="reduce-overhead", fullgraph=True)
+    x, w = torch.randn(8, 196, 32, device="cuda"), torch.rand(8, 196, device="cuda")
+    masks = []
+    for _ in range(5):  # warm-up, record, then replays of the CUDA graph
+        torch.compiler.cudagraph_mark_step_begin()
+        masks.append(compiled(x, w).clone())
+    assert all((m.sum(1) == 98).all() for m in masks)
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(masks))
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from reclmis.data.transforms import TrainAugmentation
+from reclmis.data.transforms import TrainAugmentation, resize_mask
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -123,8 +123,9 @@ class LViTDataset(Dataset):
     """One split of an LViT-layout dataset as ``dict(image, mask, text, name)`` items.
 
     ``image`` is a float32 tensor (3, S, S) in [0, 1] (grey images are replicated to three channels),
-    resized bicubic; ``mask`` is a float32 tensor (1, S, S) in {0, 1}, binarised (> 0) then resized nearest;
-    ``text`` is the note; ``name`` the image file name.
+    resized bicubic; ``mask`` is a float32 tensor (1, S, S) in {0, 1}, binarised (> 0) then resized by
+    ``mask_resize`` ("nearest", or "bilinear" then > 0 as the official loader: see
+    :func:`~reclmis.data.transforms.resize_mask`); ``text`` is the note; ``name`` the image file name.
 
     The constructor pairs every image with its mask and note and reads every file header, so a broken
     folder fails here, before training. ``transform``, a joint ``(image, mask, note) -> (image, mask, note)``
@@ -142,10 +143,14 @@ class LViTDataset(Dataset):
         augment: bool = False,
         cache: bool = True,
         transform: JointTransform | None = None,
+        mask_resize: str = "nearest",
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        if mask_resize not in ("nearest", "bilinear"):
+            raise ValueError(f"mask_resize must be 'nearest' or 'bilinear', got {mask_resize!r}")
         self.root = Path(root)
+        self.mask_resize = mask_resize
         self.split = split
         self.image_size = image_size
         self.folder = self.root / f"{_split_stem(split)}_Folder"
@@ -191,12 +196,9 @@ class LViTDataset(Dataset):
         if cached is not None:
             return cached
         sample = self.samples[index]
-        size = (self.image_size, self.image_size)
-        mask = _read_mask(sample.mask_path).resize(size, Image.Resampling.NEAREST)
-        item = (
-            _image_tensor_u8(sample.image_path, self.image_size),
-            torch.from_numpy(np.asarray(mask, dtype=np.uint8)[None].copy()),
-        )
+        foreground = torch.from_numpy(_read_mask(sample.mask_path))
+        mask = resize_mask(foreground, self.image_size, self.mask_resize)
+        item = (_image_tensor_u8(sample.image_path, self.image_size), mask[None].to(torch.uint8))
         if self.cache:
             self._cache[index] = item
         return item
@@ -204,7 +206,8 @@ class LViTDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
-            f"image_size={self.image_size}, augment={self.transform is not None})"
+            f"image_size={self.image_size}, mask_resize={self.mask_resize!r}, "
+            f"augment={self.transform is not None})"
         )
 
 
@@ -333,8 +336,8 @@ def _read_image(path: Path) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {exc}") from exc
 
 
-def _read_mask(path: Path) -> Image.Image:
-    """Decode a mask as a 0/1 uint8 picture: foreground is any value above 0 in any colour channel."""
+def _read_mask(path: Path) -> np.ndarray:
+    """Decode a mask as a bool array (H, W): foreground is any value above 0 in any colour channel."""
     try:
         with Image.open(path) as picture:
             picture.load()
@@ -346,4 +349,4 @@ def _read_mask(path: Path) -> Image.Image:
     foreground = values > 0
     if foreground.ndim == 3:
         foreground = foreground.any(axis=2)
-    return Image.fromarray(foreground.astype(np.uint8))
+    return np.ascontiguousarray(foreground)

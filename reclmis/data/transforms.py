@@ -19,18 +19,23 @@ of a lung zone) keeps its orientation.
 All randomness comes from ``torch.rand`` with an optional ``torch.Generator`` (torch's global generator by
 default). DataLoader seeds torch's generator in each worker from the loader's base seed, so training with
 ``torch.manual_seed`` is reproducible with any number of workers.
+
+:func:`resize_mask` brings a mask to the model's size: nearest neighbour, or as the official loader
+(bilinear, then every value above 0 is foreground).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from reclmis.data.note_geometry import FRAMES, Frame, SquareSymmetry, transform_note
 
-__all__ = ["TrainAugmentation", "gaussian_blur", "hsv_to_rgb", "rgb_to_hsv", "rotate"]
+__all__ = ["TrainAugmentation", "gaussian_blur", "hsv_to_rgb", "resize_mask", "rgb_to_hsv", "rotate"]
 
 
 class TrainAugmentation:
@@ -254,6 +259,33 @@ def rotate(x: torch.Tensor, angle: float, mode: str = "bilinear") -> torch.Tenso
     grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
     out = F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
     return out[0].to(x.dtype)
+
+
+def resize_mask(foreground: torch.Tensor, size: int, mode: str = "nearest") -> torch.Tensor:
+    """Resize a binary mask (H, W) bool to (size, size) bool.
+
+    "nearest": each output pixel takes the input pixel under its centre (PIL's nearest neighbour, as
+    before this option existed).
+    "bilinear": the official loader's ``cv2.resize`` of the 0/255 mask (bilinear, half-pixel centres, no
+    antialiasing, rounded to 8 bits), then foreground wherever the result is above 0. Every output pixel
+    whose bilinear footprint touches the foreground by at least 1/510 is kept, so the mask comes out
+    slightly dilated, and thin structures that nearest sampling can skip when shrinking survive.
+    """
+    if foreground.ndim != 2 or foreground.dtype != torch.bool or foreground.device.type != "cpu":
+        raise ValueError(
+            f"foreground must be a bool CPU tensor (H, W), got {tuple(foreground.shape)} {foreground.dtype} "
+            f"on {foreground.device}"
+        )
+    if mode not in ("nearest", "bilinear"):
+        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    if tuple(foreground.shape) == (size, size):
+        return foreground.clone()
+    if mode == "nearest":
+        picture = Image.fromarray(foreground.numpy().astype(np.uint8))
+        return torch.from_numpy(np.asarray(picture.resize((size, size), Image.Resampling.NEAREST)) > 0)
+    values = foreground[None, None].float() * 255.0
+    resized = F.interpolate(values, size=(size, size), mode="bilinear", align_corners=False)
+    return resized[0, 0] >= 0.5  # 8-bit rounding (half up, as cv2's fixed point) is above 0
 
 
 def _coin(p: float, g: torch.Generator | None) -> bool:

@@ -96,19 +96,21 @@ class ConditionedInteraction(nn.Module):
 
 
 class InterestWeights(nn.Module):
-    """softmax over valid tokens of MLP(x): Linear-ReLU-Linear(1). Gives W_poi from V', W_woi from E'.
+    """softmax over valid tokens of MLP(dropout(x)): Linear-ReLU-Linear(1). Gives W_poi from V', W_woi
+    from E'. The dropout (training only) is the official MosMedData+ and MoNuSeg configuration's (0.5).
 
     The last layer has no bias: the softmax is invariant to it, so it would never receive a gradient.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.mlp = nn.Sequential(
             nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 1, bias=False)
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        scores = self.mlp(x).squeeze(-1).float()  # (B, T)
+        scores = self.mlp(self.dropout(x)).squeeze(-1).float()  # (B, T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1)

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from reclmis.config import RecLMISConfig
-from reclmis.data.tokenizer import NoteTokenizer
 from reclmis.losses import (
     bce_loss,
     conditioned_contrastive_loss,
@@ -22,6 +21,7 @@ from reclmis.losses import (
 from reclmis.model.interaction import ConditionedInteraction, InterestWeights, masked_conv1d
 from reclmis.model.reconstruction import ConditionedReconstructor
 from reclmis.model.text_encoder import TextEncoder
+from reclmis.model.tokenizer import NoteTokenizer
 from reclmis.model.unet import UNetDecoder, UNetEncoder
 from reclmis.ops import weighted_mask
 
@@ -68,15 +68,17 @@ class RecLMIS(nn.Module):
         self.interaction = ConditionedInteraction(
             width, config.num_patches, config.interaction_heads, residual=config.interaction_residual
         )
-        self.poi_head = InterestWeights(width)  # W_poi
-        self.woi_head = InterestWeights(width)  # W_woi
+        self.poi_head = InterestWeights(width, config.w_head_dropout)  # W_poi
+        self.woi_head = InterestWeights(width, config.w_head_dropout)  # W_woi
         recon = dict(
             width=width,
+            memory_layers=config.recon_memory_layers,
             layers=config.recon_layers,
             heads=config.recon_heads,
             dropout=config.recon_dropout,
             mode=config.attention_mode,
             backend=config.ops_backend,
+            causal=config.recon_causal,
         )
         self.cvr = ConditionedReconstructor(**recon) if config.use_cvr else None
         self.clr = ConditionedReconstructor(**recon) if config.use_clr else None
@@ -150,7 +152,8 @@ class RecLMIS(nn.Module):
         w_poi: torch.Tensor,
         w_woi: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """L_T2V (Eq. 8, CVR), L_V2T (Eq. 10, CLR) and L_CCL (Eq. 6)."""
+        """L_T2V (Eq. 8, CVR: the masked V rebuilt from the memory of E under W_woi), L_V2T (Eq. 10, CLR:
+        the masked E rebuilt from the memory of V under W_poi) and L_CCL (Eq. 6)."""
         cfg = self.config
         if not cfg.conditioned:  # ablation: uniform conditions in place of W_poi / W_woi
             w_poi = torch.full_like(w_poi, 1.0 / w_poi.shape[1])
@@ -186,14 +189,15 @@ class RecLMIS(nn.Module):
             tokens = F.layer_norm(tokens.float(), tokens.shape[-1:])
         return tokens, weight
 
-    @staticmethod
-    def _segmentation_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"dice": dice_loss(logits, masks), "bce": bce_loss(logits, masks)}
+    def _segmentation_losses(self, logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        dice = dice_loss(logits, masks, cfg.dice_smooth, squared=cfg.dice_squared)
+        return {"dice": dice, "bce": bce_loss(logits, masks)}
 
     def _weighted_total(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Eq. 11: L = w_v2t L_V2T + w_t2v L_T2V + w_ccl L_CCL + w_seg (L_Dice + L_BCE)."""
+        """Eq. 11: L = w_v2t L_V2T + w_t2v L_T2V + w_ccl L_CCL + w_seg (w_dice L_Dice + w_bce L_BCE)."""
         w = self.config.loss_weights
-        weights = {"v2t": w.v2t, "t2v": w.t2v, "ccl": w.ccl, "dice": w.seg, "bce": w.seg}
+        weights = {"v2t": w.v2t, "t2v": w.t2v, "ccl": w.ccl, "dice": w.seg * w.dice, "bce": w.seg * w.bce}
         losses["total"] = sum(weights[name] * value for name, value in losses.items())
         return losses
 

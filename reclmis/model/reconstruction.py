@@ -1,11 +1,23 @@
-"""Conditioned reconstruction Psi (paper section III-C, Eq. 7 and 9).
+"""Conditioned reconstruction Psi (paper section III-C, Eq. 7 and 9), with the official code's structure.
 
 CVR reconstructs the masked visual tokens from the text, conditioned on W_woi (Eq. 7):
     V_hat = Psi(V_m, E, W_woi)
 CLR reconstructs the masked text tokens from the image, conditioned on W_poi (Eq. 9):
     E_hat = Psi(E_m, V, W_poi)
-Psi is a stack of post-LayerNorm transformer decoder layers whose cross-attention is
-``reclmis.ops.conditioned_attention``. Both run in training only.
+
+Psi has two stacks of post-LayerNorm layers (the official ``DualTransformer``):
+
+- the *memory* stack encodes the condition source S (E for CVR, V for CLR): self-attention over S whose
+  keys are weighted by S's own W, then a feed-forward network of twice the width;
+- the *reconstruction* stack rebuilds the masked tokens X_m: self-attention over X_m, cross-attention to
+  the memory under the same W, then the feed-forward network.
+
+Both attentions under W are ``reclmis.ops.conditioned_attention``. The official layers are decoder layers
+in both stacks, so each memory layer also holds cross-attention weights that never run (8.4M parameters
+at 4+4 layers); they are not created here. With ``causal`` the self-attentions get the official code's
+causal mask (position i attends to positions <= i); the op has no per-query mask, so that ablation runs
+the conditioned attention as plain PyTorch (:func:`causal_conditioned_attention`). Psi runs in training
+only.
 """
 
 from __future__ import annotations
@@ -15,10 +27,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from reclmis.ops import conditioned_attention
+from reclmis.ops.conditioned_attention import REWEIGHT_EPS
 
 
-class ConditionedCrossAttention(nn.Module):
-    """Multi-head cross-attention whose keys are weighted by a per-key condition (B, Nk)."""
+def causal_conditioned_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cond: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    mode: str,
+) -> torch.Tensor:
+    """``conditioned_attention`` of a sequence over itself (Nq = Nk) with a causal mask: query i sees keys
+    j <= i. q, k, v (B, H, T, D); cond (B, T); key_padding_mask (B, T) bool, True = valid. A query without
+    a valid key returns zeros."""
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
+    c = cond.float()[:, None, None, :]
+    logits = logits * c if mode == "scale" else logits + torch.log(c + REWEIGHT_EPS)
+    n = q.shape[2]
+    valid = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]  # (1, 1, T, T)
+    if key_padding_mask is not None:
+        valid = valid & key_padding_mask[:, None, None, :]
+    has_key = valid.any(-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")).masked_fill(~has_key, 0.0), -1)
+    return torch.einsum("bhqk,bhkd->bhqd", probs * has_key, v.float()).to(q.dtype)
+
+
+class ConditionedAttention(nn.Module):
+    """Multi-head attention of queries x (B, Nq, C) over keys/values y (B, Nk, C) whose keys are weighted by
+    a per-key condition W (B, Nk): self-attention when y is x, cross-attention otherwise."""
 
     def __init__(self, width: int, heads: int, mode: str, backend: str = "auto") -> None:
         super().__init__()
@@ -30,26 +67,57 @@ class ConditionedCrossAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, cond: torch.Tensor, memory_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cond: torch.Tensor,
+        y_valid: torch.Tensor | None,
+        causal: bool = False,
     ) -> torch.Tensor:
         b, nq, c = x.shape
-        nk, d = memory.shape[1], c // self.heads
+        nk, d = y.shape[1], c // self.heads
         q = self.q_proj(x).view(b, nq, self.heads, d).transpose(1, 2)  # (B, H, Nq, D)
-        k, v = self.kv_proj(memory).view(b, nk, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nk, D)
-        out = conditioned_attention(q, k, v, cond, memory_mask, mode=self.mode, backend=self.backend)
+        k, v = self.kv_proj(y).view(b, nk, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nk, D)
+        if causal:
+            out = causal_conditioned_attention(q, k, v, cond, y_valid, self.mode)
+        else:
+            out = conditioned_attention(q, k, v, cond, y_valid, mode=self.mode, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, c))
 
 
-class ReconstructorLayer(nn.Module):
-    """Self-attention, conditioned cross-attention, FFN (2x width); post-LayerNorm, dropout on each branch."""
+def feed_forward(width: int) -> nn.Sequential:
+    """The official FFN: Linear(C, 2C) - ReLU - Linear(2C, C)."""
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, width))
+
+
+class MemoryLayer(nn.Module):
+    """Memory stack layer: S <- LN(S + SelfAttn_W(S)); S <- LN(S + FFN(S)); dropout on each branch."""
+
+    def __init__(self, width: int, heads: int, dropout: float, mode: str, backend: str) -> None:
+        super().__init__()
+        self.self_attention = ConditionedAttention(width, heads, mode, backend)
+        self.ffn = feed_forward(width)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.dropout = dropout
+
+    def forward(
+        self, s: torch.Tensor, cond: torch.Tensor, s_valid: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        h = self.self_attention(s, s, cond, s_valid, causal)
+        s = self.norm1(s + F.dropout(h, self.dropout, self.training))
+        return self.norm2(s + F.dropout(self.ffn(s), self.dropout, self.training))
+
+
+class ReconstructionLayer(nn.Module):
+    """Reconstruction stack layer: X <- LN(X + SelfAttn(X)); X <- LN(X + CrossAttn_W(X, memory));
+    X <- LN(X + FFN(X)); dropout on each branch."""
 
     def __init__(self, width: int, heads: int, dropout: float, mode: str, backend: str) -> None:
         super().__init__()
         self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.cross_attention = ConditionedCrossAttention(width, heads, mode, backend)
-        self.ffn = nn.Sequential(
-            nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, width)
-        )
+        self.cross_attention = ConditionedAttention(width, heads, mode, backend)
+        self.ffn = feed_forward(width)
         self.norm1 = nn.LayerNorm(width)
         self.norm2 = nn.LayerNorm(width)
         self.norm3 = nn.LayerNorm(width)
@@ -58,40 +126,65 @@ class ReconstructorLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        x_mask: torch.Tensor | None,
+        x_valid: torch.Tensor | None,
         memory: torch.Tensor,
         cond: torch.Tensor,
-        memory_mask: torch.Tensor | None,
+        memory_valid: torch.Tensor | None,
+        causal: bool,
     ) -> torch.Tensor:
-        padding = None if x_mask is None else ~x_mask
-        h = self.self_attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        padding = None if x_valid is None else ~x_valid
+        future = None
+        if causal:
+            future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
+        h = self.self_attention(x, x, x, key_padding_mask=padding, attn_mask=future, need_weights=False)[0]
         x = self.norm1(x + F.dropout(h, self.dropout, self.training))
-        h = self.cross_attention(x, memory, cond, memory_mask)
+        h = self.cross_attention(x, memory, cond, memory_valid)
         x = self.norm2(x + F.dropout(h, self.dropout, self.training))
         return self.norm3(x + F.dropout(self.ffn(x), self.dropout, self.training))
 
 
 class ConditionedReconstructor(nn.Module):
-    """Psi(X_m, M, W): reconstructs the masked tokens X_m (B, T, C) from the other modality's tokens
-    M (B, Nk, C), attending to them under the condition W (B, Nk)."""
+    """Psi(X_m, S, W): rebuilds the masked tokens X_m (B, T, C) from the condition source S (B, Nk, C),
+    which the memory stack first encodes under W (B, Nk), a distribution over S's valid tokens."""
 
     def __init__(
-        self, width: int, layers: int, heads: int, dropout: float, mode: str, backend: str = "auto"
+        self,
+        width: int,
+        memory_layers: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+        mode: str,
+        backend: str = "auto",
+        causal: bool = False,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            ReconstructorLayer(width, heads, dropout, mode, backend) for _ in range(layers)
+        self.causal = causal
+        self.memory = nn.ModuleList(
+            MemoryLayer(width, heads, dropout, mode, backend) for _ in range(memory_layers)
         )
+        self.layers = nn.ModuleList(
+            ReconstructionLayer(width, heads, dropout, mode, backend) for _ in range(layers)
+        )
+
+    def encode(
+        self, source: torch.Tensor, cond: torch.Tensor, source_valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The memory (B, Nk, C): the condition source after the memory stack."""
+        for layer in self.memory:
+            source = layer(source, cond, source_valid, self.causal)
+        return source
 
     def forward(
         self,
         masked: torch.Tensor,
         masked_valid: torch.Tensor | None,
-        memory: torch.Tensor,
+        source: torch.Tensor,
         cond: torch.Tensor,
-        memory_valid: torch.Tensor | None,
+        source_valid: torch.Tensor | None,
     ) -> torch.Tensor:
+        memory = self.encode(source, cond, source_valid)
         x = masked
         for layer in self.layers:
-            x = layer(x, masked_valid, memory, cond, memory_valid)
+            x = layer(x, masked_valid, memory, cond, source_valid, self.causal)
         return x

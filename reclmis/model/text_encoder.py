@@ -10,7 +10,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from reclmis.config import RecLMISConfig
-from reclmis.data.tokenizer import BOS, EOS, NoteTokenizer
+from reclmis.model.tokenizer import BOS, EOS, NoteTokenizer
 
 
 class TextEncoder(nn.Module):

@@ -13,12 +13,19 @@ are a successive sample without replacement proportional to w. The compiled op
 ``torch.ops.reclmis.weighted_mask`` (``csrc/``, loaded from ``reclmis._C`` when it is built) draws the
 same law by an exponential race, E_t / w_t with E_t = -log(U_t) and U_t from a Philox counter keyed by
 (seed, row, position), so that its CPU and CUDA kernels give the same mask for the same seed.
+
+The op takes its seed as a one-element int64 tensor on x's device, which the kernels read from memory.
+``seed=None`` draws it there with ``torch.randint`` from torch's generator for that device: no host sync, no
+graph break under torch.compile, and a fresh seed at every replay of a CUDA graph (an int seed would be
+baked into the captured graph and replay one mask at every step).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 
 import torch
 
@@ -34,6 +41,14 @@ except ImportError as error:
     _EXTENSION_ERROR: ImportError | None = error
 else:
     _EXTENSION_ERROR = None
+# A CPU-only build of reclmis._C (no usable CUDA toolkit at install time) has no kernel for CUDA tensors.
+_EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "reclmis::weighted_mask", "CUDA"
+)
+_NO_CUDA_KERNEL = (
+    "reclmis._C was built without its CUDA kernel (see `reclmis info` for why); set CUDA_HOME to a CUDA "
+    "toolkit matching torch's CUDA version and reinstall (`pip install -e . --no-build-isolation`)"
+)
 
 
 def extension_available() -> bool:
@@ -47,11 +62,13 @@ def mask_counts(lengths: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.where(lengths > 0, k, torch.zeros_like(k))
 
 
-def draw_seed(seed: int | None) -> int:
-    """The seed itself, or one drawn from torch's default CPU generator (so torch.manual_seed governs)."""
-    if seed is not None:
-        return int(seed)
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+def seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
+    """The op's seed, a 0-dim int64 tensor on ``device``: ``seed`` itself (its 64 bits, filled on the device,
+    no host-to-device copy), or one drawn there from torch's default generator of that device, so that
+    torch.manual_seed governs it and a captured CUDA graph draws a new one at every replay."""
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    return torch.full((), _as_int64(int(seed)), dtype=torch.int64, device=device)
 
 
 def _valid_positions(weight: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -69,16 +86,22 @@ def weighted_mask_reference(
     *,
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gumbel-top-k oracle with the same law as the extension (not the same random stream)."""
+    """Gumbel-top-k oracle with the same law as the extension (not the same random stream).
+
+    ``seed=None`` draws the uniforms from torch's default generator of x's device (traceable by
+    torch.compile); an int seeds a private generator, which torch.compile does not trace (a graph break).
+    Reads no data on the host: a length outside [0, T] is clamped and a negative, NaN or infinite weight
+    counts as zero, as in the CUDA kernel (``weighted_mask`` checks both first, in eager mode).
+    """
     b, t = weight.shape
     positions = torch.arange(t, device=x.device)
-    lengths = torch.full((b,), t, device=x.device) if lengths is None else lengths.to(x.device)
+    lengths = torch.full((b,), t, device=x.device) if lengths is None else lengths.to(x.device).clamp(0, t)
     valid = positions[None, :] < lengths[:, None]
-    generator = torch.Generator(device=x.device).manual_seed(draw_seed(seed))
+    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(_as_int64(int(seed)))
     uniform = torch.rand((b, t), generator=generator, device=x.device, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float64).tiny)))
     w = weight.to(torch.float64)
-    keys = torch.where(w > 0, torch.log(w) + gumbel, gumbel - _ZERO_WEIGHT_OFFSET)
+    keys = torch.where((w > 0) & torch.isfinite(w), torch.log(w) + gumbel, gumbel - _ZERO_WEIGHT_OFFSET)
     keys = keys.masked_fill(~valid, float("-inf"))
     order = keys.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, positions.expand(b, t).contiguous())
@@ -119,7 +142,15 @@ def _validate_weights(weight: torch.Tensor, lengths: torch.Tensor | None) -> Non
         raise ValueError(f"weight must be finite and >= 0; row {row} holds a negative, NaN or infinite value")
 
 
-def _use_extension(backend: str) -> bool:
+@functools.cache
+def _warn_reference_on_cuda() -> None:
+    """The fallback of backend="auto" for CUDA tensors without a CUDA kernel, said once per process."""
+    warnings.warn(
+        f"weighted_mask runs its PyTorch reference on CUDA tensors: {_NO_CUDA_KERNEL}", stacklevel=4
+    )
+
+
+def _use_extension(backend: str, device: torch.device) -> bool:
     check_backend(backend, ("auto", "reference", "extension"))
     if backend == "extension" and _EXTENSION_ERROR is not None:
         raise RuntimeError(
@@ -127,6 +158,12 @@ def _use_extension(backend: str) -> bool:
             "not load (`pip install -e .` or `python setup.py build_ext --inplace` builds it): "
             f"{_EXTENSION_ERROR}"
         )
+    if device.type == "cuda" and _EXTENSION_ERROR is None and not _EXTENSION_HAS_CUDA:
+        if backend == "extension":
+            raise RuntimeError(f"weighted_mask(backend='extension') got CUDA tensors, but {_NO_CUDA_KERNEL}")
+        if backend == "auto":
+            _warn_reference_on_cuda()
+        return False
     return backend == "extension" or (backend == "auto" and _EXTENSION_ERROR is None)
 
 
@@ -150,29 +187,35 @@ def weighted_mask(
 
     Returns (x_masked, mask) with mask (B,T) bool, True = masked; the gradient flows to x at unmasked
     positions only. ``lengths`` (B,) int holds the valid prefix lengths (None: all T positions).
-    ``seed=None`` draws a seed from torch's default generator, so torch.manual_seed makes it reproducible.
+    ``seed=None`` draws a seed on x's device from torch's default generator, so torch.manual_seed makes it
+    reproducible; the step needs no host sync and stays one graph under torch.compile and CUDA graphs.
 
     ``backend``: "extension" runs the compiled op ``torch.ops.reclmis.weighted_mask`` (CPU and CUDA
     kernels; the same seed gives the same mask on both devices); "reference" the Gumbel-top-k oracle (the
     same law from another random stream); "auto" (default) uses the extension on CPU and CUDA whenever
-    ``reclmis._C`` is importable, and falls back to the reference only if the extension is not built.
+    ``reclmis._C`` is importable, and falls back to the reference only if the extension is not built, or
+    (with a warning, once) for CUDA tensors when it was built without its CUDA kernel.
 
     Errors: types, shapes, devices and ratio in [0, 1] are always checked. Lengths outside [0, T] and
     negative, NaN or infinite weights at valid positions (padding is never read) raise a ValueError on
-    CPU and with the reference. The CUDA kernel never syncs the host for them: by default it clamps such
-    a length to [0, T] and counts such a weight as zero; with ``check_weights=True`` it also flags the row
-    on the device, and the op reads the flags back and raises (one sync). ``check_weights=None`` takes
-    the switch from the environment variable RECLMIS_CHECK_WEIGHTS=1, for debugging training runs.
+    CPU, where the kernel checks them as it reads them. The CUDA kernel never syncs the host for them: by
+    default it clamps such a length to [0, T] and counts such a weight as zero; with
+    ``check_weights=True`` it also flags the row on the device, and the op reads the flags back and raises
+    (one sync, refused inside a CUDA graph capture). ``check_weights=None`` takes the switch from the
+    environment variable RECLMIS_CHECK_WEIGHTS=1, for debugging training runs. The reference checks both
+    on the host in eager mode; while torch.compile traces it, it skips these two checks (they would break
+    the graph) and clamps and zeroes like the CUDA kernel.
     """
     _validate(x, weight, ratio, lengths)
-    if not _use_extension(backend):
-        _validate_lengths(lengths, x.shape[1])
-        _validate_weights(weight, lengths)
+    if not _use_extension(backend, x.device):
+        if not torch.compiler.is_compiling():
+            _validate_lengths(lengths, x.shape[1])
+            _validate_weights(weight, lengths)
         return weighted_mask_reference(x, weight, ratio, lengths, seed=seed)
     if check_weights is None:
         check_weights = os.environ.get(CHECK_WEIGHTS_ENV) == "1"
     return torch.ops.reclmis.weighted_mask(
-        x, weight, float(ratio), lengths, _as_int64(draw_seed(seed)), bool(check_weights)
+        x, weight, float(ratio), lengths, seed_tensor(seed, x.device), bool(check_weights)
     )
 
 
@@ -181,7 +224,7 @@ def _weighted_mask_fake(
     weight: torch.Tensor,
     ratio: float,
     lengths: torch.Tensor | None,
-    seed: int,
+    seed: torch.Tensor,
     check_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output metadata of the compiled op, for torch.compile and other fake-tensor tracing."""

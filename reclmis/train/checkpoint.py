@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from reclmis.config import RecLMISConfig
-from reclmis.data.tokenizer import NoteTokenizer
 from reclmis.model import RecLMIS, TextEncoder
+from reclmis.model.tokenizer import NoteTokenizer
 
 FORMAT_VERSION = 1
 
@@ -48,10 +48,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+# Model fields added after checkpoints were first written, with the values that rebuild the model that
+# wrote a checkpoint without them: reconstructors without a memory stack, the segmentation loss
+# 5 * (Dice + BCE) with a linear Dice denominator and smoothing 1.
+LEGACY_MODEL_FIELDS: dict[str, Any] = {"recon_memory_layers": 0, "dice_squared": False, "dice_smooth": 1.0}
+LEGACY_LOSS_WEIGHTS: dict[str, float] = {"dice": 1.0, "bce": 1.0}
+
+
+def checkpoint_model_config(state: dict[str, Any]) -> RecLMISConfig:
+    """The model configuration of a loaded checkpoint. A field that the checkpoint predates takes the value
+    its model had (``LEGACY_MODEL_FIELDS``), not today's default, so an older checkpoint rebuilds the
+    model it was written from."""
+    values = dict(state["model_config"])
+    for name, value in LEGACY_MODEL_FIELDS.items():
+        values.setdefault(name, value)
+    if isinstance(values.get("loss_weights"), dict):
+        values["loss_weights"] = LEGACY_LOSS_WEIGHTS | values["loss_weights"]
+    return RecLMISConfig.from_dict(values)
+
+
 def model_from_state(state: dict[str, Any]) -> RecLMIS:
     """Rebuild the model of a loaded checkpoint with its tokenizer, text encoder and weights (train mode);
-    a pretrained text encoder's directory is not needed again."""
-    config = RecLMISConfig.from_dict(state["model_config"])
+    a pretrained text encoder's directory is not needed again. Weights that do not fit the model its
+    configuration describes raise ValueError naming the parameters."""
+    config = checkpoint_model_config(state)
     tokenizer = NoteTokenizer.from_state(state["tokenizer"]) if state.get("tokenizer") else None
     text_encoder = None
     if state.get("text_encoder_config") is not None:
@@ -59,8 +79,26 @@ def model_from_state(state: dict[str, Any]) -> RecLMIS:
             state["text_encoder_config"], frozen=config.text_encoder_frozen
         )
     model = RecLMIS(config, tokenizer, text_encoder)
-    model.load_state_dict(state["model"])
+    try:
+        result = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as err:  # shapes that differ
+        raise ValueError(
+            f"the checkpoint's weights do not fit the model its configuration describes: {err}"
+        ) from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            "the checkpoint's weights do not fit the model its configuration describes (written by another "
+            f"version of reclmis?): {_some(result.missing_keys)} missing, "
+            f"{_some(result.unexpected_keys)} unexpected"
+        )
     return model
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "none"
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def model_from_checkpoint(

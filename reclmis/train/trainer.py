@@ -1,4 +1,5 @@
-"""Training loop: Adam + cosine annealing, mixed precision, channels_last, DDP under torchrun, exact resume.
+"""Training loop: Adam + the recipe's learning-rate schedule, mixed precision, channels_last, DDP under torchrun, exact
+resume, torch.compile on request (``train.compile``).
 
 The step never waits for the GPU: losses and Dice accumulate on the device and are read back every
 ``log_every`` steps. Rank 0 alone writes logs, progress bars and checkpoints (``last.pt`` every epoch,
@@ -26,16 +27,22 @@ from tqdm.auto import tqdm
 
 from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import LViTDataset, TrainAugmentation
-from reclmis.data.tokenizer import NoteTokenizer
 from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
-from reclmis.model import RecLMIS
-from reclmis.train.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from reclmis.model import NoteTokenizer, RecLMIS
+from reclmis.train.checkpoint import (
+    checkpoint_model_config,
+    load_checkpoint,
+    model_from_state,
+    save_checkpoint,
+)
+from reclmis.train.compilation import compile_module, compile_notice, resolve_compile_mode
 from reclmis.train.distributed import (
     all_gather_with_grad,
     all_reduce_sum,
     barrier,
     init_distributed,
 )
+from reclmis.train.schedules import build_optimizer, build_scheduler, check_same_schedule
 
 LOSS_TERMS = ("total", "dice", "bce", "t2v", "v2t", "ccl")
 
@@ -135,8 +142,15 @@ class Trainer:
             model_config.image_size,
             cache=train_config.cache_images,
             transform=augmentation,
+            mask_resize=train_config.mask_resize,
         )
-        self.val_set = LViTDataset(data_root, "val", model_config.image_size, cache=train_config.cache_images)
+        self.val_set = LViTDataset(
+            data_root,
+            "val",
+            model_config.image_size,
+            cache=train_config.cache_images,
+            mask_resize=train_config.mask_resize,
+        )
 
         if len(self.val_set) < self.dist.world_size:
             raise ValueError(
@@ -164,13 +178,8 @@ class Trainer:
         self.model.feature_gather = all_gather_with_grad if global_ccl and self.dist.enabled else None
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(
-            params, lr=train_config.lr, weight_decay=train_config.weight_decay, fused=fused
-        )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=train_config.epochs, eta_min=train_config.min_lr
-        )
+        self.optimizer = build_optimizer(params, train_config, fused=self.device.type == "cuda")
+        self.scheduler = build_scheduler(self.optimizer, train_config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.start_epoch = 0
         self.best_dice = -math.inf
@@ -184,6 +193,14 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=model_config.use_text and not model_config.conditioned,  # W heads idle
             )
+        # what runs the steps: DDP (training under torchrun) or the model, compiled on request; checkpoints
+        # always save self.model's own state dict
+        self.train_module: nn.Module = self.ddp if self.ddp is not None else self.model
+        self.eval_module: nn.Module = self.model
+        if train_config.compile:
+            mode = resolve_compile_mode(train_config.compile_mode, self.device, self.dist.enabled)
+            self.train_module = compile_module(self.train_module, mode, train_config.compile_backend)
+            self.eval_module = compile_module(self.model, mode, train_config.compile_backend)
         self.train_loader = self._loader(self.train_set, train=True)
         self.val_loader = self._loader(self.val_set, train=False)
 
@@ -220,10 +237,11 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {path} to resume from")
         state = load_checkpoint(path)
-        saved = RecLMISConfig.from_dict(state["model_config"])
+        saved = checkpoint_model_config(state)
         if saved != self.model_config:
             changed = sorted(k for k, v in saved.to_dict().items() if self.model_config.to_dict()[k] != v)
             raise ValueError(f"--resume: the model configuration differs from the checkpoint's in {changed}")
+        check_same_schedule(state["train_config"], self.cfg)
         return state
 
     def _check_fresh_run(self) -> None:
@@ -302,7 +320,10 @@ class Trainer:
         return results
 
     def _forward(self, batch: dict[str, Any], masks: torch.Tensor | None = None):
-        module = self.ddp if self.ddp is not None and self.model.training else self.model
+        module = self.train_module if self.model.training else self.eval_module
+        if self.cfg.compile:
+            # a new step: CUDA graphs (mode "reduce-overhead") may reuse the previous step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             return module(batch["images"], batch.get("input_ids"), batch.get("attention_mask"), masks)
 
@@ -317,6 +338,13 @@ class Trainer:
         logged = torch.zeros_like(sums)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)  # fmt: skip
+        with self._compile_notice(bar):
+            return self._train_steps(bar, sums, logged)
+
+    def _compile_notice(self, bar: tqdm) -> contextlib.AbstractContextManager:
+        return compile_notice(bar) if self.cfg.compile else contextlib.nullcontext()
+
+    def _train_steps(self, bar: tqdm, sums: torch.Tensor, logged: torch.Tensor) -> dict[str, float]:
         for step, batch in enumerate(bar, start=1):
             batch = to_device(batch, self.device, self.cfg.channels_last)
             out = self._forward(batch, batch["masks"])
@@ -355,10 +383,14 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.model.eval()
         meter = DiceIoUMeter()
-        for batch in self.val_loader:
-            batch = to_device(batch, self.device, self.cfg.channels_last)
-            logits = self._forward(batch).logits
-            meter.update(binarize(logits.float(), from_logits=True), batch["masks"] > 0.5)
+        bar = tqdm(
+            self.val_loader, desc="validation", disable=not self.progress, leave=False, dynamic_ncols=True
+        )
+        with self._compile_notice(bar):
+            for batch in bar:
+                batch = to_device(batch, self.device, self.cfg.channels_last)
+                logits = self._forward(batch).logits
+                meter.update(binarize(logits.float(), from_logits=True), batch["masks"] > 0.5)
         meter.all_reduce()
         return {k: float(v) for k, v in meter.compute().items()}
 
