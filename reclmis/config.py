@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from reclmis.data.note_geometry import FRAMES
-
 AUGMENTATIONS = ("full", "official", "photometric", "none")
+# the frames a note's sides are stated in (reclmis.data.note_geometry)
+NOTE_FRAMES = ("image", "radiological")
 
 
 @dataclass
@@ -233,8 +233,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
-        if self.note_frame not in FRAMES:
-            raise ValueError(f"note_frame must be one of {FRAMES}, got {self.note_frame!r}")
+        if self.note_frame not in NOTE_FRAMES:
+            raise ValueError(f"note_frame must be one of {NOTE_FRAMES}, got {self.note_frame!r}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         if self.compile_mode not in COMPILE_MODES:

@@ -27,10 +27,12 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from reclmis.config import NOTE_FRAMES
+
 __all__ = ["FRAMES", "Frame", "SquareSymmetry", "transform_note"]
 
 Frame = Literal["image", "radiological"]
-FRAMES: tuple[str, ...] = ("image", "radiological")
+FRAMES: tuple[str, ...] = NOTE_FRAMES
 
 _VERTICAL = {"upper": -1, "middle": 0, "lower": 1}
 _SIDE = {"left": -1, "right": 1}  # image frame; the radiological frame negates
