@@ -22,6 +22,7 @@ from reclmis.data import (
     make_synthetic,
     read_notes,
 )
+from reclmis.data.note_probe import probe_notes
 from reclmis.data.transforms import gaussian_blur, hsv_to_rgb, resize_mask, rgb_to_hsv, rotate
 
 MONUSEG = Path(
@@ -543,3 +544,19 @@ def test_augmentation_rejects_bad_arguments():
         TrainAugmentation()(torch.rand(3, 8, 8), torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match="note_frame"):
         TrainAugmentation(note_frame="patient")
+
+
+def test_probe_notes_constant_and_shuffled() -> None:
+    notes = ["a", "b", "b", "c", "d"]
+    assert probe_notes(notes, "constant") == ["b"] * 5  # the most frequent note
+    assert probe_notes(["x", "y"], "constant") == ["x", "x"]  # ties: the first in file order
+    shuffled = probe_notes(notes, "shuffled")
+    assert shuffled == probe_notes(notes, "shuffled")  # a fixed seed
+    assert sorted(shuffled) == sorted(notes)  # the same notes, every one used once
+    unique = [f"note {i}" for i in range(50)]
+    for seed in range(5):  # a derangement: no image keeps its own note
+        assert all(a != b for a, b in zip(unique, probe_notes(unique, "shuffled", seed), strict=True))
+    with pytest.raises(ValueError, match="probe"):
+        probe_notes(notes, "reversed")
+    with pytest.raises(ValueError, match="two images"):
+        probe_notes(["only"], "shuffled")
