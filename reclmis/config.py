@@ -16,7 +16,7 @@ import yaml
 
 AUGMENTATIONS = ("full", "official", "photometric", "none")
 # the frames a note's sides are stated in (reclmis.data.note_geometry)
-NOTE_FRAMES = ("image", "radiological")
+NOTE_FRAMES = ("image", "radiological", "axial")
 
 
 @dataclass
@@ -222,8 +222,9 @@ class TrainConfig:
     # words moved with the image (note_frame); "official": the same without rewriting the note, as the
     # official code; "photometric": blur and colour only; "none"
     augment: str = "full"
-    # the frame of the notes' sides: "radiological" (chest images: "left" is the patient's left, on the
-    # image's right) or "image" (pathology tiles: "left" is the image's left)
+    # the frame of the notes' positions (reclmis.data.note_geometry): "radiological" (chest radiographs:
+    # "left" is the patient's left, on the image's right), "image" (pathology tiles: "left" is the image's
+    # left) or "axial" (axial CT slices: sides as radiological, "upper"/"lower" name lobes, not rows)
     note_frame: str = "radiological"
     early_stopping_patience: int = 50  # epochs without a better validation Dice; 0 disables
     log_every: int = 10  # steps between host reads of the running losses

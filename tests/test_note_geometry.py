@@ -82,6 +82,20 @@ def test_lung_zones_under_flips(frame):
     )
 
 
+def test_axial_frame_keeps_lobes_and_mirrors_sides():
+    """Axial CT (MosMedData+): "upper"/"lower" name lobes along the body, so a flip of the slice's rows
+    keeps them; sides are the patient's; a quarter turn of a note with positions is refused."""
+    note = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
+    assert transform_note(note, FLIP_ROWS, "axial") == note
+    flipped = "Bilateral pulmonary infection, two infected areas, upper right lung and lower left lung."
+    assert transform_note(note, FLIP_COLUMNS, "axial") == flipped
+    assert transform_note(note, SquareSymmetry.rot90(2), "axial") == flipped  # a half turn mirrors both
+    for k, dim in ALL:
+        if symmetry(k, dim).swaps_axes:
+            assert transform_note("Opacity in the upper right.", symmetry(k, dim), "axial") is None
+    assert transform_note("Opacity in the upper right.", FLIP_ROWS, "axial") == "Opacity in the upper right."
+
+
 def test_phrases_with_several_places():
     note = "Unilateral pulmonary infection, one infected area, middle lower left lung."
     assert transform_note(note, FLIP_ROWS, "radiological") == (
@@ -119,7 +133,7 @@ def test_quarter_turns_the_vocabulary_cannot_say(note, k, dim):
     ["The nuclei are sparsely distributed.", "The nuclei density is higher around.", "Overall rightly so."],
 )
 def test_notes_without_positions_are_unchanged(note, k, dim):
-    for frame in ("image", "radiological"):
+    for frame in ("image", "radiological", "axial"):
         assert transform_note(note, symmetry(k, dim), frame) == note
 
 

@@ -12,8 +12,11 @@ and every positional phrase of the note is mapped through G and said again in th
 Positional phrases are runs of the words upper, middle, lower, all, left and right (QaTa-COV19 and
 MosMedData+: "middle lower left lung"; MoNuSeg: "in the upper right"; the synthetic set). A run is read as a
 set of vertical places (upper, middle, lower; "all" for the whole height) and a set of sides (left, right).
-Sides are stated in a frame: the image frame (pathology tiles: "left" is the image's left) or the
-radiological frame (chest images: "left" is the patient's left, which lies on the image's right). A flip
+Sides are stated in a frame: the image frame (pathology tiles: "left" is the image's left), the
+radiological frame (chest radiographs: "left" is the patient's left, which lies on the image's right), or
+the axial frame (axial CT slices, MosMedData+: sides as in the radiological frame, but "upper" and "lower"
+name lobes, which lie along the body's axis, across the slice: a flip of the slice's rows leaves them as
+they are, and a quarter turn would put the sides front and back, which no note says). A flip
 or a half turn keeps the axes and only mirrors places; a quarter turn exchanges the axes, which the
 vocabulary can say for a region of the picture ("upper right" becomes "upper left") but not for a lung
 zone (a run followed by "lung": the lungs' thirds stay vertical and their sides horizontal) nor for a
@@ -31,7 +34,7 @@ from reclmis.config import NOTE_FRAMES
 
 __all__ = ["FRAMES", "Frame", "SquareSymmetry", "transform_note"]
 
-Frame = Literal["image", "radiological"]
+Frame = Literal["image", "radiological", "axial"]
 FRAMES: tuple[str, ...] = NOTE_FRAMES
 
 _VERTICAL = {"upper": -1, "middle": 0, "lower": 1}
@@ -105,7 +108,7 @@ def transform_note(note: str, g: SquareSymmetry, frame: Frame) -> str | None:
     side_sign = 1 if frame == "image" else -1
     pieces, end = [], 0
     for run in _RUN.finditer(note):
-        moved = _move_run(run, g, side_sign)
+        moved = _move_run(run, g, side_sign, vertical_in_plane=frame != "axial")
         if moved is None:
             return None
         if run.group(0)[0].isupper():
@@ -115,7 +118,7 @@ def transform_note(note: str, g: SquareSymmetry, frame: Frame) -> str | None:
     return "".join([*pieces, note[end:]])
 
 
-def _move_run(run: re.Match[str], g: SquareSymmetry, side_sign: int) -> str | None:
+def _move_run(run: re.Match[str], g: SquareSymmetry, side_sign: int, vertical_in_plane: bool) -> str | None:
     words = re.findall(_WORD, run.group(0).removesuffix(run.group("lung") or ""), re.IGNORECASE)
     words = [w.lower() for w in words]
     whole_height = "all" in words
@@ -123,11 +126,11 @@ def _move_run(run: re.Match[str], g: SquareSymmetry, side_sign: int) -> str | No
     xs = {_SIDE[w] * side_sign for w in words if w in _SIDE}
     lung = run.group("lung") or ""
     if g.swaps_axes:
-        if lung or whole_height or 0 in ys:
-            return None  # a lung zone, a whole height or a middle has no name across the other axis
+        if lung or whole_height or 0 in ys or not vertical_in_plane:
+            return None  # a lung zone, a whole height, a middle or a lobe has no name across the other axis
         xs, ys = {g.xy * y for y in ys}, {g.yx * x for x in xs}
     else:
-        xs, ys = {g.xx * x for x in xs}, {g.yy * y for y in ys}
+        xs, ys = {g.xx * x for x in xs}, ({g.yy * y for y in ys} if vertical_in_plane else ys)
     vertical = ["all"] if whole_height else [w for w, y in _VERTICAL.items() if y in ys]
     sides = [w for w, x in _SIDE.items() if x * side_sign in xs]
     return " ".join(vertical + sides) + lung

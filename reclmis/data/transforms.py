@@ -42,8 +42,9 @@ class TrainAugmentation:
     """Joint random augmentation of an image (C, H, W) in [0, 1], its binary mask (1, H, W) and its note.
 
     ``photometric`` (blur and colour) or ``geometric`` (rot90/flip and rotation) may be switched off.
-    ``note_frame`` ("image" for pathology tiles, "radiological" for chest images, whose "left" is the
-    patient's left on the image's right) makes flips and quarter turns rewrite the note's positional words;
+    ``note_frame`` ("image" for pathology tiles, "radiological" for chest radiographs, whose "left" is the
+    patient's left on the image's right, "axial" for axial CT slices) makes flips and quarter turns rewrite
+    the note's positional words;
     None keeps the note unchanged, as the official code does.
     ``interpolation`` is the image's sampling mode for the free rotation ("bilinear" or "nearest").
     Geometric parameters are drawn before photometric ones, so two calls with equally seeded generators
