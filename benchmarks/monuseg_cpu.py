@@ -1,5 +1,17 @@
-"""The MoNuSeg result of the README: configs/monuseg_cpu.yaml trained on 2 CPU cores, then evaluated on
-Test_Folder, for two seeds, with the text branch on (RecLMIS) and off (paper Table III, row e).
+"""The MoNuSeg table of the README: configs/monuseg_cpu.yaml trained on 2 CPU cores, then evaluated on
+Test_Folder (best.pt, chosen by validation Dice, and last.pt), for the rows of the paper's Table III that run
+here and this project's switches:
+
+- reclmis:             the recipe as it is (note-consistent flips and turns, same-note pairs no negatives);
+- no_ccl, no_recon:    without the contrastive loss; without both reconstructions (CVR and CLR);
+- no_text:             the text branch off (Table III, row e): a U-Net with PLAM;
+- gate:                the gated text injection in CI (interaction_gate);
+- same_note_negatives: the official contrastive loss (pairs with the same note are negatives);
+- official_aug:        the official augmentation (flips and turns that leave the note as it is);
+- photometric:         no flips or rotations.
+
+Models with a text branch are also scored with shuffled and with constant notes (``reclmis evaluate
+--notes``), which says how much of the score comes from reading the note.
 
     python benchmarks/monuseg_cpu.py --data ../shared/data/monuseg --out benchmarks/results/monuseg_cpu.json
 
@@ -24,15 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_results
 from reclmis.config import load_recipe
+from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
 from reclmis.train import Trainer, model_from_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "monuseg_cpu.yaml"
-# name -> (model config changes, train config changes); the first two are the README's table
+# name -> (model config changes, train config changes)
 VARIANTS = {
     "reclmis": ({}, {}),
+    "no_ccl": ({"use_ccl": False}, {}),
+    "no_recon": ({"use_cvr": False, "use_clr": False}, {}),
     "no_text": ({"use_text": False}, {}),
-    "reclmis_photometric": ({}, {"augment": "photometric"}),  # notes name positions: no flips/rotations
+    "gate": ({"interaction_gate": True}, {}),
+    "same_note_negatives": ({"ccl_exclude_same_notes": False}, {}),
+    "official_aug": ({}, {"augment": "official"}),
+    "photometric": ({}, {"augment": "photometric"}),
 }
 
 
@@ -44,8 +62,8 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="results JSON (default benchmarks/results/monuseg_cpu.json)"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["reclmis", "no_text"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument(
         "--runs", default=None, help="keep the run folders here (default: a temporary folder)"
     )
@@ -69,19 +87,23 @@ def main() -> None:
                 ).fit()
                 minutes = _training_minutes(out / "metrics.csv")
                 model, state = model_from_checkpoint(out / "best.pt")
-                test = evaluate(model, args.data, "test", progress=False)
-                rows.append({"variant": name, "seed": seed, "train_minutes": round(minutes, 1), "resumed": resume,
-                             "best_epoch": state["epoch"] + 1, "val_dice": state["best_dice"], "test": test})  # fmt: skip
-                print(f"{name} seed {seed}: test Dice {100 * test['dice']:.2f} IoU {100 * test['iou']:.2f} "
-                      f"({minutes:.1f} min, best epoch {state['epoch'] + 1})", flush=True)  # fmt: skip
-    summary = {}
-    for name in args.variants:
-        runs_of = [r["test"] for r in rows if r["variant"] == name]
-        summary[name] = {
-            metric: {"mean": statistics.mean(r[metric] for r in runs_of),
-                     "std": statistics.stdev(r[metric] for r in runs_of) if len(runs_of) > 1 else 0.0}
-            for metric in ("dice", "iou")
-        }  # fmt: skip
+                row = {"variant": name, "seed": seed, "train_minutes": round(minutes, 1), "resumed": resume,
+                       "best_epoch": state["epoch"] + 1, "val_dice": state["best_dice"],
+                       "test": evaluate(model, args.data, "test", progress=False)}  # fmt: skip
+                if model.config.use_text:
+                    for probe in NOTE_PROBES:
+                        row[f"test_{probe}_notes"] = evaluate(
+                            model, args.data, "test", progress=False, notes=probe
+                        )
+                last, _ = model_from_checkpoint(out / "last.pt")
+                row["test_last"] = evaluate(last, args.data, "test", progress=False)
+                rows.append(row)
+                probes = "".join(f", {p} notes {100 * row[f'test_{p}_notes']['dice']:.2f}" for p in NOTE_PROBES
+                                 if f"test_{p}_notes" in row)  # fmt: skip
+                print(f"{name} seed {seed}: test Dice {100 * row['test']['dice']:.2f} (last.pt "
+                      f"{100 * row['test_last']['dice']:.2f}{probes}; {minutes:.1f} min, best epoch "
+                      f"{state['epoch'] + 1})", flush=True)  # fmt: skip
+    summary = {name: _summary([r for r in rows if r["variant"] == name]) for name in args.variants}
     env = environment("cpu") | {"torch_threads": torch.get_num_threads()}
     variants = {name: {"model": VARIANTS[name][0], "train": VARIANTS[name][1]} for name in args.variants}
     payload = {
@@ -92,6 +114,22 @@ def main() -> None:
         "summary": summary,
     }
     print(write_results("monuseg_cpu", payload, args.out))
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every score of the runs (best.pt, last.pt, probes)."""
+    scores = [key for key in runs[0] if key.startswith("test")]
+    return {
+        key: {
+            metric: {
+                "mean": statistics.mean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            }
+            for metric in ("dice", "iou")
+            for values in [[r[key][metric] for r in runs]]
+        }
+        for key in scores
+    }
 
 
 def _training_minutes(metrics_csv: Path) -> float:

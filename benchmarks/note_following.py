@@ -1,7 +1,13 @@
 """Does the model read the note? The demo recipe on generated data, evaluated on the test split and on its
 counterfactual copy (same images, notes and masks naming other lesions), for these variants:
 
-- reclmis:           the default model (CI with residual connections);
+- reclmis:           the default model (CI with residual connections) and recipe (augment: full, the notes'
+                     positional words moved with every flip and turn);
+- photometric:       blur and colour augmentation only (no flips or rotations);
+- official_aug:      the official augmentation: flips and rotations that leave the note as it is;
+- gate:              the gated text injection in CI (interaction_gate);
+- same_note_negatives: the official contrastive loss, whose negatives include pairs of images with the same
+                     note;
 - official_ci:       CI exactly as the official code (no residual connections: the note reaches the decoder
                      only through attention patterns);
 - official_causal:   the reconstructors with the official code's causal mask;
@@ -13,7 +19,9 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 - no_memory:         reconstructors without the memory stack (the masked tokens attend to the raw source).
 
 A model that follows the note scores about the same on both splits; one that ignores it cannot, because the
-counterfactual masks cover other lesions of the same pictures.
+counterfactual masks cover other lesions of the same pictures. Each row also holds the test split scored
+with shuffled notes (another image's) and with one constant note (``reclmis evaluate --notes``): a model
+that reads its note loses Dice there.
 
     python benchmarks/note_following.py --out benchmarks/results/note_following_cpu.json
     python benchmarks/note_following.py --variants linear_dice_seg no_memory \
@@ -37,12 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, write_results
 from reclmis.config import load_recipe
 from reclmis.data import make_synthetic
+from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
 from reclmis.train import Trainer, model_from_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic_tiny.yaml"
 VARIANTS = {  # changes to the recipe's model and train sections
     "reclmis": {},
+    "photometric": {"train": {"augment": "photometric"}},
+    "official_aug": {"train": {"augment": "official"}},
+    "gate": {"model": {"interaction_gate": True}},
+    "same_note_negatives": {"model": {"ccl_exclude_same_notes": False}},
     "official_ci": {"model": {"interaction_residual": False}},
     "official_causal": {"model": {"recon_causal": True}},
     "single_cosine": {"train": {"scheduler": "cosine", "min_lr": 1e-6}},
@@ -76,6 +89,14 @@ def run(work: Path, seed: int, variants: list[str]) -> list[dict]:
         for split, root in (("test", data), ("counterfactual", data / "counterfactual")):
             metrics = evaluate(model, root, "test", progress=False)
             row[split] = {"dice": metrics["dice"], "iou": metrics["iou"], "n": metrics["n"]}
+        if model.config.use_text:
+            for probe in NOTE_PROBES:
+                metrics = evaluate(model, data, "test", progress=False, notes=probe)
+                row[f"test_{probe}_notes"] = {
+                    "dice": metrics["dice"],
+                    "iou": metrics["iou"],
+                    "n": metrics["n"],
+                }
         rows.append(row)
         print(f"{name:<12} test Dice {row['test']['dice']:.4f}  counterfactual Dice "
               f"{row['counterfactual']['dice']:.4f}  ({minutes:.1f} min)", flush=True)  # fmt: skip
@@ -90,8 +111,16 @@ def main() -> None:
         "--out", default=None, help="results JSON (default benchmarks/results/note_following_cpu.json)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS)[:5])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=["reclmis", "photometric", "official_ci", "no_text"],
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         rows = run(Path(work), args.seed, args.variants)
     payload = {"environment": environment("cpu"), "recipe": str(RECIPE.name), "seed": args.seed, "rows": rows}

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from reclmis.config import PRESETS, build_configs, read_recipe
+from reclmis.data.note_probe import NOTE_PROBES
 
 TRAIN_FLAGS = {  # CLI flag -> (section, field)
     "image_size": ("model", "image_size"),
@@ -84,19 +85,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     empty_score = (
         0.0 if args.official_metrics else (args.empty_score if args.empty_score is not None else 1.0)
     )
+    if args.notes is not None and not model.config.use_text:
+        raise ValueError("--notes probes the note, but this checkpoint's model has no text branch")
+    scoring = dict(
+        batch_size=args.batch_size, device=device, mask_resize=mask_resize, empty_score=empty_score
+    )
     metrics = evaluate(
         model,
         args.data,
         args.split,
-        batch_size=args.batch_size,
-        device=device,
         save_predictions=args.save_predictions,
         per_image_csv=args.per_image_csv,
-        mask_resize=mask_resize,
-        empty_score=empty_score,
+        **scoring,
     )
-    print(f"{'split':<8}{'images':>8}{'Dice':>10}{'IoU':>10}")
-    print(f"{args.split:<8}{metrics['n']:>8}{100 * metrics['dice']:>10.2f}{100 * metrics['iou']:>10.2f}")
+    rows = [("own", metrics)]
+    if args.notes is not None:
+        metrics["probe"] = evaluate(model, args.data, args.split, notes=args.notes, **scoring)
+        rows.append((args.notes, metrics["probe"]))
+    print(f"{'split':<8}{'notes':<10}{'images':>8}{'Dice':>10}{'IoU':>10}")
+    for notes, row in rows:
+        print(f"{args.split:<8}{notes:<10}{row['n']:>8}{100 * row['dice']:>10.2f}{100 * row['iou']:>10.2f}")
     print(f"masks resized {mask_resize}; both-empty images score {empty_score:g}")
     if args.json:
         write_metrics_json(metrics, args.json)
@@ -209,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="score as the official test script, to compare with published tables: "
                                "both-empty images score 0, masks resized bilinear then > 0 unless "
                                "--mask-resize says otherwise")  # fmt: skip
+    evaluate.add_argument("--notes", choices=NOTE_PROBES,
+                          help="also score with every note replaced, beside the normal score: 'constant' (the "
+                               "split's most frequent note for every image) or 'shuffled' (another image's "
+                               "note): how much the model reads its note")  # fmt: skip
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", help="segment one image given its note")

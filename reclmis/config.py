@@ -14,6 +14,10 @@ from typing import Any
 
 import yaml
 
+AUGMENTATIONS = ("full", "official", "photometric", "none")
+# the frames a note's sides are stated in (reclmis.data.note_geometry)
+NOTE_FRAMES = ("image", "radiological", "axial")
+
 
 @dataclass
 class LossWeights:
@@ -54,6 +58,10 @@ class RecLMISConfig:
     # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
     # official code, where the note reaches the decoder only through attention patterns (see README)
     interaction_residual: bool = True
+    # gated text injection in CI: V' = g * V + MHA(V, E') with g = 2 sigmoid(Linear(MHA(V, E'))) per patch and
+    # channel, zero-initialised (g = 1: the ungated model at the start), so the note can also scale visual
+    # features down, e.g. a lesion it does not name; off = the paper's sum
+    interaction_gate: bool = False
     # each reconstructor (CVR, CLR): a memory stack encoding the condition source, then a reconstruction
     # stack rebuilding the masked tokens (the official DualTransformer: 3 + 3, 4 + 4 in the QaTa recipe)
     recon_memory_layers: int = 3
@@ -77,6 +85,10 @@ class RecLMISConfig:
     dice_squared: bool = True
     dice_smooth: float = 4e-5  # official: 1e-5 on prediction and mask both halved, the same loss as 4e-5 here
     logit_scale_init: float = math.log(1 / 0.07)
+    # L_CCL without the pairs of different images whose notes are the same token sequence among the negatives
+    # (QaTa-COV19 repeats its notes): the official loss pushes such a pair apart although no note could tell
+    # the two images apart; off = the official loss
+    ccl_exclude_same_notes: bool = True
     logit_scale_max: float = 100.0
     loss_weights: LossWeights = field(default_factory=LossWeights)
     # ablations (paper Table III/IV)
@@ -126,6 +138,10 @@ class RecLMISConfig:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.recon_layers < 1 and (self.use_cvr or self.use_clr):
             raise ValueError("recon_layers must be at least 1 while use_cvr or use_clr is on")
+        if self.interaction_gate and not self.interaction_residual:
+            raise ValueError(
+                "interaction_gate scales CI's residual visual tokens: it needs interaction_residual"
+            )
         if not self.dice_smooth > 0:
             raise ValueError(f"dice_smooth must be positive, got {self.dice_smooth}")
         for name, heads in (("interaction_heads", self.interaction_heads), ("recon_heads", self.recon_heads)):
@@ -202,9 +218,14 @@ class TrainConfig:
     )
     channels_last: bool = True
     num_workers: int = 2
-    # "full": the official augmentation (blur, colour, rot90/flip or rotation); "photometric": blur and colour
-    # only, for notes that name positions (flipping the image would contradict them); "none"
+    # "full": the official augmentation (blur, colour, rot90/flip or rotation) with the note's positional
+    # words moved with the image (note_frame); "official": the same without rewriting the note, as the
+    # official code; "photometric": blur and colour only; "none"
     augment: str = "full"
+    # the frame of the notes' positions (reclmis.data.note_geometry): "radiological" (chest radiographs:
+    # "left" is the patient's left, on the image's right), "image" (pathology tiles: "left" is the image's
+    # left) or "axial" (axial CT slices: sides as radiological, "upper"/"lower" name lobes, not rows)
+    note_frame: str = "radiological"
     early_stopping_patience: int = 50  # epochs without a better validation Dice; 0 disables
     log_every: int = 10  # steps between host reads of the running losses
     seed: int = 0
@@ -223,8 +244,10 @@ class TrainConfig:
     mask_resize: str = "nearest"
 
     def __post_init__(self) -> None:
-        if self.augment not in ("full", "photometric", "none"):
-            raise ValueError(f"augment must be full, photometric or none, got {self.augment!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.note_frame not in NOTE_FRAMES:
+            raise ValueError(f"note_frame must be one of {NOTE_FRAMES}, got {self.note_frame!r}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         if self.compile_mode not in COMPILE_MODES:

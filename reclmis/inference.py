@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reclmis.data import LViTDataset, load_image
+from reclmis.data.note_probe import probe_notes
 from reclmis.metrics import DiceIoUMeter, binarize
 from reclmis.model import RecLMIS
 from reclmis.train.trainer import NoteCollator
@@ -33,6 +35,7 @@ def evaluate(
     progress: bool = True,
     mask_resize: str = "nearest",
     empty_score: float = 1.0,
+    notes: str = "own",
 ) -> dict[str, float | int | str]:
     """Per-image Dice and IoU at threshold 0.5, averaged over the images of ``split``.
 
@@ -40,10 +43,17 @@ def evaluate(
     > 0 as the official loader); an image whose mask and prediction are both empty scores ``empty_score``
     (1, or 0 as the official test script). Both conventions are returned with the scores.
     ``save_predictions`` receives, per image, the predicted mask and an overlay (true positives green,
-    false negatives red, false positives blue); ``per_image_csv`` the per-image scores.
+    false negatives red, false positives blue); ``per_image_csv`` the per-image scores. ``notes``: "own",
+    or a probe of how much the model reads its note (:mod:`reclmis.data.note_probe`): "constant" gives
+    every image the same note, "shuffled" another image's.
     """
     model = model.eval().to(device)
     dataset = LViTDataset(data_root, split, model.config.image_size, cache=False, mask_resize=mask_resize)
+    if notes != "own":
+        replaced = probe_notes(dataset.texts, notes)
+        dataset.samples = [
+            dataclasses.replace(s, text=t) for s, t in zip(dataset.samples, replaced, strict=True)
+        ]
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=NoteCollator(model.tokenizer))
     meter = DiceIoUMeter(empty_score)
     rows: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -72,7 +82,7 @@ def evaluate(
             writer = csv.writer(handle)
             writer.writerow(["image", "dice", "iou"])
             writer.writerows((name, f"{float(d):.6f}", f"{float(i):.6f}") for name, d, i in rows)
-    return meter.compute() | {"mask_resize": mask_resize, "empty_score": empty_score}
+    return meter.compute() | {"mask_resize": mask_resize, "empty_score": empty_score, "notes": notes}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -60,6 +61,15 @@ def contrastive_scale(logit_scale: torch.Tensor, max_scale: float) -> torch.Tens
     return logit_scale.exp().clamp(max=max_scale)
 
 
+def same_note_pairs(
+    ids: torch.Tensor, mask: torch.Tensor, other_ids: torch.Tensor, other_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, B') bool: notes ``ids`` (B, L) and ``other_ids`` (B', L) with the same valid tokens in the same
+    places (padding, where the masks are False, compares equal whatever it holds)."""
+    ids, other_ids = ids.masked_fill(~mask, -1), other_ids.masked_fill(~other_mask, -1)
+    return (ids[:, None, :] == other_ids[None, :, :]).all(-1)
+
+
 def conditioned_contrastive_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
@@ -68,26 +78,39 @@ def conditioned_contrastive_loss(
     txt_mask: torch.Tensor,
     scale: torch.Tensor,
     *,
+    note_ids: torch.Tensor | None = None,
     backend: str = "auto",
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Eq. 4-6: S = max_similarity(V, E, W_poi, W_woi); L_CCL = 0.5 * (CE(s S, diag) + CE(s S^T, diag)).
 
     img (B, N, C) stage-4 visual tokens, txt (B, L, C) projected text tokens, scale = exp(logit scale).
+    With ``note_ids`` (B, L), the token ids of the notes, a pair of different images whose notes are the
+    same (:func:`same_note_pairs`) is no negative: its logits are -inf in both cross-entropies.
     With ``gather`` (an all-gather with gradients over R processes holding B pairs each), the loss runs
     over the global batch as in CLIP: this process scores its B images against all R*B texts and all R*B
     images against its B texts; the mean of the R processes' losses equals the single-process loss on the
     concatenated batch.
     """
     if gather is None:
-        s = max_similarity(img, txt, w_poi, w_woi, txt_mask, backend=backend) * scale  # (B, B)
-        return symmetric_cross_entropy(s, s.T, torch.arange(s.shape[0], device=s.device))
-    all_img, all_w_poi = gather(img), gather(w_poi)
-    all_txt, all_w_woi, all_mask = gather(txt), gather(w_woi), gather(txt_mask)
+        all_img, all_w_poi, all_txt, all_w_woi, all_mask, all_ids = img, w_poi, txt, w_woi, txt_mask, note_ids
+    else:
+        all_img, all_w_poi = gather(img), gather(w_poi)
+        all_txt, all_w_woi, all_mask = gather(txt), gather(w_woi), gather(txt_mask)
+        all_ids = gather(note_ids) if note_ids is not None else None
     img_to_txt = max_similarity(img, all_txt, w_poi, all_w_woi, all_mask, backend=backend) * scale  # (B, RB)
-    txt_to_img = (
-        max_similarity(all_img, txt, all_w_poi, w_woi, txt_mask, backend=backend).T * scale
-    )  # (B, RB)
+    if gather is None:
+        txt_to_img = img_to_txt.T  # (B, B)
+    else:
+        txt_to_img = max_similarity(all_img, txt, all_w_poi, w_woi, txt_mask, backend=backend).T * scale
     offset = dist.get_rank() * img.shape[0] if all_img.shape[0] != img.shape[0] else 0
     targets = torch.arange(offset, offset + img.shape[0], device=img.device)
+    if note_ids is not None:
+        # rows: this process's pairs; columns: all pairs (image j's note is text j, so one matrix serves both)
+        same = same_note_pairs(note_ids, txt_mask, all_ids, all_mask)
+        same[torch.arange(img.shape[0], device=img.device), targets] = False
+        img_to_txt, txt_to_img = (
+            img_to_txt.masked_fill(same, -math.inf),
+            txt_to_img.masked_fill(same, -math.inf),
+        )
     return symmetric_cross_entropy(img_to_txt, txt_to_img, targets)

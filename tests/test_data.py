@@ -22,6 +22,7 @@ from reclmis.data import (
     make_synthetic,
     read_notes,
 )
+from reclmis.data.note_probe import probe_notes
 from reclmis.data.transforms import gaussian_blur, hsv_to_rgb, resize_mask, rgb_to_hsv, rotate
 
 MONUSEG = Path(
@@ -385,7 +386,7 @@ def test_geometric_augmentation_moves_image_and_mask_together():
     for seed in range(40):
         image = smooth_image(seed)
         mask = (image[:1] > 0.5).float()
-        out_image, out_mask = augment(image, mask, torch.Generator().manual_seed(seed))
+        out_image, out_mask, _ = augment(image, mask, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(out_mask, (out_image[:1] > 0.5).float())
         moves = [torch.rot90(image, k, dims=(1, 2)) for k in range(4)]
         if any(torch.equal(out_image, m) or torch.equal(out_image, m.flip(2)) for m in moves):
@@ -400,7 +401,7 @@ def test_bilinear_rotation_stays_aligned_up_to_boundary_pixels():
     for seed in range(10):
         image = smooth_image(seed, size=64)
         mask = (image[:1] > 0.5).float()
-        out_image, out_mask = augment(image, mask, torch.Generator().manual_seed(seed))
+        out_image, out_mask, _ = augment(image, mask, generator=torch.Generator().manual_seed(seed))
         assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
         disagree = (out_mask != (out_image[:1] > 0.5).float()).float().mean().item()
         assert disagree < 0.02
@@ -412,15 +413,19 @@ def test_full_augmentation_is_seeded_binary_and_in_range():
     geometric_only = TrainAugmentation(photometric=False)
     changed = 0
     for seed in range(20):
-        a = augment(image, mask, torch.Generator().manual_seed(seed))
-        b = augment(image, mask, torch.Generator().manual_seed(seed))
+        a = augment(image, mask, generator=torch.Generator().manual_seed(seed))
+        b = augment(image, mask, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert a[0].shape == image.shape and a[0].dtype == torch.float32
         assert a[0].min() >= 0.0 and a[0].max() <= 1.0
         assert set(a[1].unique().tolist()) <= {0.0, 1.0}
         # geometry is drawn first: the mask moves as without the photometric steps
-        assert torch.equal(a[1], geometric_only(image, mask, torch.Generator().manual_seed(seed))[1])
-        changed += not torch.equal(a[0], geometric_only(image, mask, torch.Generator().manual_seed(seed))[0])
+        assert torch.equal(
+            a[1], geometric_only(image, mask, generator=torch.Generator().manual_seed(seed))[1]
+        )
+        changed += not torch.equal(
+            a[0], geometric_only(image, mask, generator=torch.Generator().manual_seed(seed))[0]
+        )
     assert changed > 10
 
 
@@ -431,7 +436,7 @@ def test_augmentation_uses_torch_global_rng_by_default():
     first = [augment(image, mask) for _ in range(5)]
     torch.manual_seed(5)
     second = [augment(image, mask) for _ in range(5)]
-    for (a_image, a_mask), (b_image, b_mask) in zip(first, second, strict=True):
+    for (a_image, a_mask, _), (b_image, b_mask, _) in zip(first, second, strict=True):
         assert torch.equal(a_image, b_image) and torch.equal(a_mask, b_mask)
 
 
@@ -448,6 +453,64 @@ def test_augmented_loader_is_reproducible_with_workers(tmp_path):
     first, again, other = epoch(3), epoch(3), epoch(4)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def blob_region(mask: torch.Tensor) -> str:
+    """ "upper left", "lower right", ... of a blob in a (1, S, S) mask, in the image frame."""
+    rows, cols = mask[0].nonzero(as_tuple=True)
+    half = (mask.shape[-1] - 1) / 2
+    return f"{'upper' if rows.float().mean() < half else 'lower'} {'left' if cols.float().mean() < half else 'right'}"
+
+
+def test_note_follows_flips_and_turns_in_the_image_frame():
+    """Pathology tiles: every flip and quarter turn rewrites the region the note names."""
+    augment = TrainAugmentation(photometric=False, rotate_prob=0.0, rot90_flip_prob=1.0, note_frame="image")
+    image, mask = torch.zeros(3, 16, 16), torch.zeros(1, 16, 16)
+    mask[:, 2:5, 10:14] = 1  # upper right
+    image[:, 2:5, 10:14] = 1
+    regions = set()
+    for seed in range(30):
+        out_image, out_mask, note = augment(
+            image, mask, "The nuclei density in the upper right is high.", torch.Generator().manual_seed(seed)
+        )
+        assert torch.equal(out_mask[0], out_image[0])
+        assert note == f"The nuclei density in the {blob_region(out_mask)} is high."
+        regions.add(blob_region(out_mask))
+    assert regions == {"upper left", "upper right", "lower left", "lower right"}
+
+
+def test_lung_zone_note_keeps_its_orientation_under_quarter_turns():
+    """Chest images: flips rewrite the lung zone; a quarter turn, which the words cannot say, is skipped."""
+    augment = TrainAugmentation(
+        photometric=False, rotate_prob=0.0, rot90_flip_prob=1.0, note_frame="radiological"
+    )
+    image, mask = torch.zeros(3, 16, 16), torch.zeros(1, 16, 16)
+    mask[:, 2:5, 10:14] = 1  # image upper right = the patient's upper left
+    image[:, 2:5, 10:14] = 1
+    patient = {"upper right": "upper left", "upper left": "upper right", "lower right": "lower left"}
+    patient["lower left"] = "lower right"
+    skipped = 0
+    for seed in range(30):
+        out_image, out_mask, note = augment(
+            image, mask, "Lesion in the upper left lung.", torch.Generator().manual_seed(seed)
+        )
+        assert note == f"Lesion in the {patient[blob_region(out_mask)]} lung."
+        skipped += torch.equal(out_image, image)
+    assert 0 < skipped < 30
+    official = TrainAugmentation(photometric=False, rotate_prob=0.0, rot90_flip_prob=1.0)
+    assert official(image, mask, "Lesion in the upper left lung.")[2] == "Lesion in the upper left lung."
+
+
+def test_dataset_items_carry_the_rewritten_note(tmp_path):
+    make_synthetic(tmp_path, size=32, n_train=4, n_val=1, n_test=1)
+    flip = TrainAugmentation(
+        photometric=False, rotate_prob=0.0, rot90_flip_prob=1.0, note_frame="radiological"
+    )
+    dataset = LViTDataset(tmp_path, "train", image_size=32, transform=flip)
+    torch.manual_seed(0)
+    items = [dataset[i % 4] for i in range(16)]
+    changed = [item["text"] != dataset.texts[i % 4] for i, item in enumerate(items)]
+    assert any(changed)  # some flips rewrote a note (every synthetic note names a lung zone)
 
 
 def test_colour_and_blur_helpers():
@@ -479,3 +542,21 @@ def test_augmentation_rejects_bad_arguments():
         TrainAugmentation(interpolation="cubic")
     with pytest.raises(ValueError, match="mask must be"):
         TrainAugmentation()(torch.rand(3, 8, 8), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="note_frame"):
+        TrainAugmentation(note_frame="patient")
+
+
+def test_probe_notes_constant_and_shuffled() -> None:
+    notes = ["a", "b", "b", "c", "d"]
+    assert probe_notes(notes, "constant") == ["b"] * 5  # the most frequent note
+    assert probe_notes(["x", "y"], "constant") == ["x", "x"]  # ties: the first in file order
+    shuffled = probe_notes(notes, "shuffled")
+    assert shuffled == probe_notes(notes, "shuffled")  # a fixed seed
+    assert sorted(shuffled) == sorted(notes)  # the same notes, every one used once
+    unique = [f"note {i}" for i in range(50)]
+    for seed in range(5):  # a derangement: no image keeps its own note
+        assert all(a != b for a, b in zip(unique, probe_notes(unique, "shuffled", seed), strict=True))
+    with pytest.raises(ValueError, match="probe"):
+        probe_notes(notes, "reversed")
+    with pytest.raises(ValueError, match="two images"):
+        probe_notes(["only"], "shuffled")

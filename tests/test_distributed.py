@@ -61,15 +61,20 @@ def _features(batch: int = 2 * WORLD) -> list[torch.Tensor]:
     mask[1, 3:] = False
     mask[2, 1:] = False
     w_woi = torch.softmax(torch.randn(batch, 5, generator=g).masked_fill(~mask, float("-inf")), -1)
-    return [img, txt, w_poi, w_woi, mask]
+    # notes 0 and 3 are the same (on different ranks); note 1 starts as note 0 but is shorter
+    ids = torch.randint(1, 50, (batch, 5), generator=g)
+    ids[3], ids[1, :3] = ids[0], ids[0, :3]
+    mask[3] = True
+    return [img, txt, w_poi, w_woi, mask, ids]
 
 
-def _contrastive_rank(rank: int, port: int, out: str) -> None:
+def _contrastive_rank(rank: int, port: int, out: str, same_notes: bool) -> None:
     _join(rank, port)
     dist.init_process_group("gloo")
     chunk = [t.chunk(WORLD)[rank].clone() for t in _features()]
     leaves = [t.requires_grad_() for t in chunk[:4]]
     loss = conditioned_contrastive_loss(*leaves, chunk[4], torch.tensor(10.0), backend="reference",
+                                        note_ids=chunk[5] if same_notes else None,
                                         gather=all_gather_with_grad)  # fmt: skip
     (loss / WORLD).backward()  # DDP averages over ranks; the gathered slices receive every rank's share
     total = loss.detach().clone()
@@ -80,12 +85,14 @@ def _contrastive_rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_global_contrastive_loss_equals_single_process(tmp_path) -> None:
-    _spawn(_contrastive_rank, str(tmp_path / "ddp.pt"))
+@pytest.mark.parametrize("same_notes", [False, True], ids=["all-negatives", "same-notes-excluded"])
+def test_global_contrastive_loss_equals_single_process(tmp_path, same_notes) -> None:
+    _spawn(_contrastive_rank, str(tmp_path / "ddp.pt"), same_notes)
     ddp = torch.load(tmp_path / "ddp.pt")
     full = _features()
     leaves = [t.clone().requires_grad_() for t in full[:4]]
-    loss = conditioned_contrastive_loss(*leaves, full[4], torch.tensor(10.0), backend="reference")
+    loss = conditioned_contrastive_loss(*leaves, full[4], torch.tensor(10.0), backend="reference",
+                                        note_ids=full[5] if same_notes else None)  # fmt: skip
     loss.backward()
     torch.testing.assert_close(ddp["loss"], loss.detach())
     for got, leaf in zip(ddp["grads"], leaves, strict=True):

@@ -87,6 +87,7 @@ def test_segmentation_loss_is_the_official_dice_by_default() -> None:
         {"w_head_dropout": 0.5},
         {"attention_mode": "scale"},
         {"recon_memory_layers": 0},
+        {"interaction_gate": True},
     ],
     ids=str,
 )
@@ -246,11 +247,26 @@ def test_bad_inputs_name_the_argument(mutate, error, match) -> None:
         ({"text_mask_ratio": -0.1}, "text_mask_ratio"),
         ({"attention_mode": "softmax"}, "attention_mode"),
         ({"recon_heads": 3}, "recon_heads"),
+        ({"interaction_gate": True, "interaction_residual": False}, "interaction_gate"),
     ],
 )
 def test_bad_config_names_the_field(overrides, match) -> None:
     with pytest.raises(ValueError, match=match):
         RecLMISConfig.preset("tiny", **overrides)
+
+
+def test_text_gate_starts_as_the_ungated_model_and_then_scales_visual_tokens() -> None:
+    """The gate's Linear is zero-initialised (g = 1): the gated model computes the ungated one's function
+    until training moves it; a trained gate scales V by the note."""
+    plain, gated = make_model(), make_model(interaction_gate=True)
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == ["interaction.gate.bias", "interaction.gate.weight"]
+    images, ids, mask, _ = make_batch(plain)
+    plain.eval(), gated.eval()
+    torch.testing.assert_close(gated(images, ids, mask).logits, plain(images, ids, mask).logits)
+    with torch.no_grad():
+        gated.interaction.gate.bias.fill_(-3.0)  # g = 2 sigmoid(-3): the visual tokens scaled by 0.095
+    assert not torch.allclose(gated(images, ids, mask).logits, plain(images, ids, mask).logits)
 
 
 def test_masked_batch_norm_equals_batch_norm_over_valid_tokens() -> None:

@@ -120,7 +120,7 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
                  str(out_json), "--save-predictions", str(overlays), "--per-image-csv", str(tmp_path / "per.csv"),
                  "--device", "cpu"]) == 0  # fmt: skip
     metrics = json.loads(out_json.read_text())
-    assert set(metrics) == {"dice", "iou", "n", "mask_resize", "empty_score"}
+    assert set(metrics) == {"dice", "iou", "n", "mask_resize", "empty_score", "notes"}
     assert metrics["n"] == 8 and 0 <= metrics["iou"] <= metrics["dice"] <= 1
     assert (metrics["mask_resize"], metrics["empty_score"]) == ("nearest", 1.0)  # as trained
     assert len(list(overlays.glob("*_overlay.png"))) == 8
@@ -135,6 +135,13 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(synthetic),
                  "--official-metrics", "--empty-score", "1"]) == 2  # fmt: skip
     assert "--official-metrics" in capsys.readouterr().err
+    probed = tmp_path / "probe.json"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(synthetic), "--json",
+                 str(probed), "--notes", "shuffled", "--device", "cpu"]) == 0  # fmt: skip
+    scores = json.loads(probed.read_text())
+    assert scores["notes"] == "own" and scores["probe"]["notes"] == "shuffled" and scores["probe"]["n"] == 8
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("test")]
+    assert [row[1] for row in rows] == ["own", "shuffled"]
 
     image = next((synthetic / "Test_Folder" / "img").iterdir())
     out = tmp_path / "p.png"

@@ -45,7 +45,7 @@ SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
 QATA_MASK_PREFIX = "mask_"
 SHARED_NOTES_STEM = "Train_Val"
 
-JointTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+JointTransform = Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor, str]]
 
 
 class DatasetError(ValueError):
@@ -128,8 +128,8 @@ class LViTDataset(Dataset):
     :func:`~reclmis.data.transforms.resize_mask`); ``text`` is the note; ``name`` the image file name.
 
     The constructor pairs every image with its mask and note and reads every file header, so a broken
-    folder fails here, before training. ``transform``, a joint ``(image, mask) -> (image, mask)`` callable,
-    is applied to every item; it defaults to :class:`~reclmis.data.transforms.TrainAugmentation` when
+    folder fails here, before training. ``transform``, a joint ``(image, mask, note) -> (image, mask, note)``
+    callable, is applied to every item; it defaults to :class:`~reclmis.data.transforms.TrainAugmentation` when
     ``augment`` is true. Its randomness comes from torch's generator, which DataLoader seeds per worker. With ``cache`` the decoded, resized
     pictures stay in memory (as uint8) after their first use; :meth:`preload` fills the cache up front,
     e.g. before DataLoader workers fork so that they share it.
@@ -186,9 +186,10 @@ class LViTDataset(Dataset):
         image_u8, mask_u8 = self._load(index)
         image = image_u8.float().div_(255.0)
         mask = mask_u8.float()
+        text = sample.text
         if self.transform is not None:
-            image, mask = self.transform(image, mask)
-        return {"image": image, "mask": mask, "text": sample.text, "name": sample.name}
+            image, mask, text = self.transform(image, mask, text)
+        return {"image": image, "mask": mask, "text": text, "name": sample.name}
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._cache.get(index)

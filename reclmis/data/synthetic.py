@@ -13,7 +13,8 @@ notes ``<Split>_text.xlsx`` keyed by the mask name) and a counterfactual test sp
 of their lesions. A model that reads the note scores about as well there as on the normal test split; one
 that ignores the note cannot. Each split folder also holds ``lesioncol/``, masks of all lesions (named or
 not; the dataset reader ignores it), to measure how much of the unnamed lesions a model segments. Notes
-name positions, so train on this data without flips and rotations.
+name positions in the radiological frame: ``augment: full`` with ``note_frame: radiological`` moves them with
+every flip, where the official augmentation (``augment: official``) would contradict them.
 """
 
 from __future__ import annotations

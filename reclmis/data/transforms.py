@@ -11,6 +11,11 @@ The official pipeline (RecLMIS ``Load_Dataset.py``, after LViT) applies, per tra
    a rotation by an angle within +-20 degrees (zero fill); image and mask move together, the mask with
    nearest-neighbour sampling so that it stays binary.
 
+The official pipeline keeps the note as it is, so a flipped image keeps "upper left lung". With a
+``note_frame`` the note moves with the image instead (:mod:`reclmis.data.note_geometry`): a flip or
+quarter turn rewrites its positional words, and a sample whose note cannot say the result (a quarter turn
+of a lung zone) keeps its orientation.
+
 All randomness comes from ``torch.rand`` with an optional ``torch.Generator`` (torch's global generator by
 default). DataLoader seeds torch's generator in each worker from the loader's base seed, so training with
 ``torch.manual_seed`` is reproducible with any number of workers.
@@ -28,14 +33,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from reclmis.data.note_geometry import FRAMES, Frame, SquareSymmetry, transform_note
+
 __all__ = ["TrainAugmentation", "gaussian_blur", "hsv_to_rgb", "resize_mask", "rgb_to_hsv", "rotate"]
 
 
 class TrainAugmentation:
-    """Joint random augmentation of an image (C, H, W) in [0, 1] and its binary mask (1, H, W).
+    """Joint random augmentation of an image (C, H, W) in [0, 1], its binary mask (1, H, W) and its note.
 
-    ``photometric`` (blur and colour) or ``geometric`` (rot90/flip and rotation) may be switched off, e.g.
-    ``geometric=False`` for data whose notes name positions ("upper left lung") that a flip would falsify.
+    ``photometric`` (blur and colour) or ``geometric`` (rot90/flip and rotation) may be switched off.
+    ``note_frame`` ("image" for pathology tiles, "radiological" for chest radiographs, whose "left" is the
+    patient's left on the image's right, "axial" for axial CT slices) makes flips and quarter turns rewrite
+    the note's positional words;
+    None keeps the note unchanged, as the official code does.
     ``interpolation`` is the image's sampling mode for the free rotation ("bilinear" or "nearest").
     Geometric parameters are drawn before photometric ones, so two calls with equally seeded generators
     move the mask identically whether or not ``photometric`` is on.
@@ -57,6 +67,7 @@ class TrainAugmentation:
         rotate_prob: float = 0.5,
         max_angle: float = 20.0,
         interpolation: str = "bilinear",
+        note_frame: Frame | None = None,
     ) -> None:
         for name, p in (
             ("blur_prob", blur_prob),
@@ -75,6 +86,8 @@ class TrainAugmentation:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(low, high)}")
         if interpolation not in ("bilinear", "nearest"):
             raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
+        if note_frame is not None and note_frame not in FRAMES:
+            raise ValueError(f"note_frame must be None or one of {FRAMES}, got {note_frame!r}")
         self.photometric = photometric
         self.geometric = geometric
         self.blur_prob = blur_prob
@@ -88,10 +101,16 @@ class TrainAugmentation:
         self.rotate_prob = rotate_prob
         self.max_angle = max_angle
         self.interpolation = interpolation
+        self.note_frame = note_frame
 
     def __call__(
-        self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        note: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+        """``(image, mask, note)`` augmented; the note is rewritten only with a ``note_frame``."""
         if image.ndim != 3 or not image.is_floating_point():
             raise ValueError(
                 f"image must be a float tensor (C, H, W), got {tuple(image.shape)} {image.dtype}"
@@ -104,8 +123,15 @@ class TrainAugmentation:
         if self.photometric:
             image = self._photometric(image, generator)
         if geometry is not None:
+            kind, value, flip_dim = geometry
+            if kind == "rot90_flip" and self.note_frame is not None and note is not None:
+                moved = transform_note(
+                    note, SquareSymmetry.flip(flip_dim) @ SquareSymmetry.rot90(int(value)), self.note_frame
+                )
+                geometry = ("identity", 0, 0) if moved is None else geometry
+                note = note if moved is None else moved
             image, mask = self._apply_geometry(image, mask, geometry)
-        return image.contiguous(), mask.contiguous()
+        return image.contiguous(), mask.contiguous(), note
 
     def _draw_geometry(self, g: torch.Generator | None) -> tuple[str, float, int]:
         if _coin(self.rot90_flip_prob, g):
@@ -123,7 +149,7 @@ class TrainAugmentation:
         if kind == "rot90_flip":
             image = torch.rot90(image, int(value), dims=(1, 2)).flip(flip_dim)
             mask = torch.rot90(mask, int(value), dims=(1, 2)).flip(flip_dim)
-        elif kind == "rotate":
+        elif kind == "rotate":  # within +-20 degrees: the note's places still hold
             image = rotate(image, value, mode=self.interpolation)
             mask = rotate(mask, value, mode="nearest")
         return image, mask
@@ -166,7 +192,10 @@ class TrainAugmentation:
         return hsv_to_rgb(h, s, v)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(photometric={self.photometric}, geometric={self.geometric})"
+        return (
+            f"{type(self).__name__}(photometric={self.photometric}, geometric={self.geometric}, "
+            f"note_frame={self.note_frame!r})"
+        )
 
 
 def gaussian_blur(channel: torch.Tensor, sigma: tuple[float, float]) -> torch.Tensor:

@@ -65,14 +65,28 @@ class ConditionedInteraction(nn.Module):
     V (B, N, C) gets a 1x1 patch embedding and a learned position embedding first. Returns (V', E').
     With ``residual=False`` the two sums are dropped, as in the official code: the note then reaches the
     decoder only through the attention patterns, and a model trained from scratch does not learn to follow
-    it (benchmarks/note_following.py measures both).
+    it (benchmarks/note_following.py measures both). With ``gate=True`` the text also scales the visual
+    tokens: V' = g * V + MHA(V, E'), g = 2 sigmoid(Linear(MHA(V, E'))) per patch and channel, the Linear
+    zero-initialised so that g starts at 1.
     """
 
     def __init__(
-        self, width: int, num_patches: int, heads: int, dropout: float = 0.1, residual: bool = True
+        self,
+        width: int,
+        num_patches: int,
+        heads: int,
+        dropout: float = 0.1,
+        residual: bool = True,
+        gate: bool = False,
     ) -> None:
         super().__init__()
+        if gate and not residual:
+            raise ValueError("the text gate scales the residual visual tokens: it needs residual=True")
         self.residual = residual
+        self.gate = nn.Linear(width, width) if gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
         self.patch_embedding = nn.Conv2d(width, width, kernel_size=1)
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches, width))
         self.dropout = nn.Dropout(dropout)
@@ -91,6 +105,8 @@ class ConditionedInteraction(nn.Module):
             e = e + text
         padding = ~text_mask
         attended = self.image_attention(v, e, e, key_padding_mask=padding, need_weights=False)[0]  # (B, N, C)
+        if self.gate is not None:
+            v = 2 * torch.sigmoid(self.gate(attended)) * v
         v = v + attended if self.residual else attended
         return v, self.text_refine(e, text_mask)
 

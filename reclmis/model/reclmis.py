@@ -66,7 +66,11 @@ class RecLMIS(nn.Module):
         self.text_encoder = text_encoder or TextEncoder.from_config(config, tokenizer)
         self.text_projection = nn.Conv1d(self.text_encoder.width, width, kernel_size=3, padding=1)
         self.interaction = ConditionedInteraction(
-            width, config.num_patches, config.interaction_heads, residual=config.interaction_residual
+            width,
+            config.num_patches,
+            config.interaction_heads,
+            residual=config.interaction_residual,
+            gate=config.interaction_gate,
         )
         self.poi_head = InterestWeights(width, config.w_head_dropout)  # W_poi
         self.woi_head = InterestWeights(width, config.w_head_dropout)  # W_woi
@@ -138,7 +142,7 @@ class RecLMIS(nn.Module):
             out.w_woi = self.woi_head(e_ci, text_mask)
         if self.training:
             visual = stage4.flatten(2).transpose(1, 2)  # V (B, N, C)
-            losses = self._auxiliary_losses(visual, text, text_mask, out.w_poi, out.w_woi)
+            losses = self._auxiliary_losses(visual, text, text_mask, input_ids, out.w_poi, out.w_woi)
             if masks is not None:
                 losses.update(self._segmentation_losses(logits, masks))
             out.losses = self._weighted_total(losses)
@@ -149,11 +153,13 @@ class RecLMIS(nn.Module):
         visual: torch.Tensor,
         text: torch.Tensor,
         text_mask: torch.Tensor,
+        input_ids: torch.Tensor,
         w_poi: torch.Tensor,
         w_woi: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """L_T2V (Eq. 8, CVR: the masked V rebuilt from the memory of E under W_woi), L_V2T (Eq. 10, CLR:
-        the masked E rebuilt from the memory of V under W_poi) and L_CCL (Eq. 6)."""
+        the masked E rebuilt from the memory of V under W_poi) and L_CCL (Eq. 6; ``ccl_exclude_same_notes``: pairs
+        of images with the same note are no negatives)."""
         cfg = self.config
         if not cfg.conditioned:  # ablation: uniform conditions in place of W_poi / W_woi
             w_poi = torch.full_like(w_poi, 1.0 / w_poi.shape[1])
@@ -176,6 +182,7 @@ class RecLMIS(nn.Module):
                 w_woi,
                 text_mask,
                 scale,
+                note_ids=input_ids if cfg.ccl_exclude_same_notes else None,
                 backend=cfg.ops_backend,
                 gather=self.feature_gather,
             )

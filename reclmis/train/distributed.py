@@ -76,11 +76,12 @@ class _GatherWithGrad(torch.autograd.Function):
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (B, ...) of every rank along dim 0 (equal B on every rank), keeping
     gradients: each rank receives the summed gradient of its own slice, as CLIP-style global-batch losses
-    need. Boolean tensors are gathered without gradient."""
+    need. Boolean and integer tensors (masks, token ids) are gathered without gradient."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    if tensor.dtype == torch.bool:
-        parts = [torch.empty_like(tensor, dtype=torch.uint8) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.to(torch.uint8))
-        return torch.cat(parts).bool()
+    if not tensor.is_floating_point():
+        wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor.contiguous()
+        parts = [torch.empty_like(wire) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, wire)
+        return torch.cat(parts).to(tensor.dtype)
     return _GatherWithGrad.apply(tensor)

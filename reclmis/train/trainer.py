@@ -132,7 +132,10 @@ class Trainer:
 
         augmentation = None
         if train_config.augment != "none":
-            augmentation = TrainAugmentation(geometric=train_config.augment == "full")
+            augmentation = TrainAugmentation(
+                geometric=train_config.augment in ("full", "official"),
+                note_frame=train_config.note_frame if train_config.augment == "full" else None,
+            )
         self.train_set = LViTDataset(
             data_root,
             "train",
