@@ -24,6 +24,11 @@ with shuffled notes (another image's) and with one constant note (``reclmis eval
 that reads its note loses Dice there.
 
     python benchmarks/note_following.py --out benchmarks/results/note_following_cpu.json
+    python benchmarks/note_following.py --threads 1 --variants gate --out /tmp/gate.json   # one variant alone
+    python benchmarks/note_following.py --combine /tmp/*.json --out benchmarks/results/note_following_cpu.json
+
+``--combine`` gathers the rows of several results files (runs made side by side, one thread each) into one,
+each row keeping the environment (commit, command, threads) of the run that made it.
     python benchmarks/note_following.py --variants linear_dice_seg no_memory \
         --out benchmarks/results/note_following_ablations_cpu.json
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -103,6 +109,16 @@ def run(work: Path, seed: int, variants: list[str]) -> list[dict]:
     return rows
 
 
+def combine(paths: list[str]) -> dict:
+    """One results payload from several, each row with its run's environment; same recipe and seed only."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    for part, path in zip(parts, paths, strict=True):
+        if (part["recipe"], part["seed"]) != (parts[0]["recipe"], parts[0]["seed"]):
+            raise ValueError(f"{path}: recipe and seed differ from {paths[0]}'s")
+    rows = [row | {"environment": part["environment"]} for part in parts for row in part["rows"]]
+    return {"recipe": parts[0]["recipe"], "seed": parts[0]["seed"], "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,7 +134,11 @@ def main() -> None:
         choices=sorted(VARIANTS),
         default=["reclmis", "photometric", "official_ci", "no_text"],
     )
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="results files to gather into --out")
     args = parser.parse_args()
+    if args.combine:
+        print(write_results("note_following_cpu", combine(args.combine), args.out))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
