@@ -31,7 +31,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The demo: generated data whose notes decide which lesions belong to the mask, the tiny preset trained on
-# it, then an evaluation on the test split and on its counterfactual copy (same images, other notes),
+# it, then an evaluation on the test split (also with shuffled notes: how much the model reads them) and on
+# its counterfactual copy (same images, other notes),
 # error overlays, and one prediction explained (W_poi heatmap, W_woi per word, a second note side by side).
 DEMO ?= demo
 NOTE = $(PY) -c "import sys; from reclmis.data import find_notes_file, read_notes; \
@@ -40,7 +41,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(VENV)/bin/reclmis make-synthetic --out $(DEMO)/data
 	$(VENV)/bin/reclmis train --config configs/synthetic_tiny.yaml --data $(DEMO)/data --out $(DEMO)/run
-	$(VENV)/bin/reclmis evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/data \
+	$(VENV)/bin/reclmis evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/data --notes shuffled \
 		--json $(DEMO)/test.json --save-predictions $(DEMO)/overlays
 	$(VENV)/bin/reclmis evaluate --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/data/counterfactual \
 		--json $(DEMO)/counterfactual.json
