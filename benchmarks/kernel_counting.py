@@ -379,13 +379,14 @@ def count_work(*, execute: bool = True) -> Iterator[WorkRecorder]:
         recorder.count_dot(a, b, input_precision)
         return originals["create_dot"](a, b, d, input_precision, max_num_imprecise_acc)
 
-    def load(ptrs, mask, other, cache_policy, is_volatile):
+    # the options after the mask (cache and eviction policies, volatility) differ between Triton releases
+    def load(ptrs, mask, other, *options):
         recorder.count_access("load", ptrs, mask)
-        return originals["create_masked_load"](ptrs, mask, other, cache_policy, is_volatile)
+        return originals["create_masked_load"](ptrs, mask, other, *options)
 
-    def store(ptrs, value, mask, cache_policy):
+    def store(ptrs, value, mask, *options):
         recorder.count_access("store", ptrs, mask)
-        return originals["create_masked_store"](ptrs, value, mask, cache_policy)
+        return originals["create_masked_store"](ptrs, value, mask, *options)
 
     def atomic_rmw(op, ptrs, value, mask, sem, scope):
         recorder.count_atomic(ptrs, mask)
@@ -618,7 +619,8 @@ def _compile_one(item: tuple[dict[str, Any], int]) -> dict[str, Any]:
         kwargs = {**args, **{k: _decode_arg(v) for k, v in spec["options"].items()}}
         kwargs.setdefault("debug", kernel.debug or knobs.runtime.debug)  # as JITFunction.run sets them
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # a compile option since Triton 3.9
+            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(**kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(

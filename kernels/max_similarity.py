@@ -57,6 +57,7 @@ ROWS_PER_PROGRAM, NORM_BLOCK_C = 16, 64  # tile of the text normalisation pre-pa
 RESIDENT_BYTES = 64 * 1024  # the forward's image block, kept on chip for the whole text sweep
 TEXT_TILE_BYTES = 32 * 1024  # one text tile of that sweep
 BWD_TILE_ELEMENTS = 4096  # fp32 elements of the backward's working tiles (rows x channels)
+PICK_CHUNK = 16  # text tokens compared with a block of image tokens at a time (the backward's prep kernel)
 
 
 @triton.jit
@@ -238,12 +239,15 @@ def _max_similarity_bwd_prep_kernel(
     d_img_w_ptr, img_proj_ptr, row_keys_ptr, col_keys_ptr,
     Bt, N, L,
     NORMALIZE: tl.constexpr, ROW_KEYS: tl.constexpr, COL_KEYS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, PICK_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """For a block of image a's tokens and every text b: Eq. B1 for wI and the projection <vhat, d vhat> of
     Eq. B4 from the saved maxima; the block's tokens sorted by the text token they picked (keys
     jr * BLOCK_R + i - row0, jr = L for none) and, in the first block, the text tokens sorted by the image
-    token that picked them (keys ic * BLOCK_L + j, N for none): the orders of the sums by destination."""
+    token that picked them (keys ic * BLOCK_L + j, N for none): the orders of the sums by destination.
+    The projection's sum over the text tokens that picked each image token compares the block's rows with
+    PICK_CHUNK text tokens at a time, in a fixed order (a gather into the larger block, as _segment_sums
+    does, fails to compile for one channel in Triton 3.8)."""
     a = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * BLOCK_R
     offs_r = tl.arange(0, BLOCK_R)
@@ -258,20 +262,24 @@ def _max_similarity_bwd_prep_kernel(
         g = 0.5 * tl.load(ds_ptr + pair)
         row_max = tl.load(row_max_ptr + pair * N + rows, mask=row_in, other=0.0)
         d_w += g * row_max
-        ic = tl.load(col_arg_ptr + pair * L + offs_l, mask=offs_l < L, other=-1)
-        col_keys = _sort(tl.where(ic >= 0, ic, N) * BLOCK_L + offs_l)  # distinct keys: a stable sort
-        if NORMALIZE:  # the text tokens that picked each image token, by destination
-            j, picked = col_keys % BLOCK_L, col_keys < N * BLOCK_L
-            w_t = tl.load(txt_w_ptr + b * L + j, mask=picked, other=0.0).to(tl.float32)
-            sources = w_t * tl.load(col_max_ptr + pair * L + j, mask=picked, other=0.0)
-            to_rows = _segment_sums(sources[:, None], col_keys // BLOCK_L, row0, BLOCK_R)
-            proj += g * (w_i * row_max + tl.sum(to_rows, axis=1))
+        if NORMALIZE:  # wT[b,j] col_max[a,b,j] of the text tokens j that picked each image token
+            to_rows = tl.zeros([BLOCK_R], tl.float32)
+            for j0 in tl.static_range(0, BLOCK_L, PICK_CHUNK):
+                j = j0 + tl.arange(0, PICK_CHUNK)
+                ic_j = tl.load(col_arg_ptr + pair * L + j, mask=j < L, other=-1)
+                picked = ic_j >= 0
+                w_t = tl.load(txt_w_ptr + b * L + j, mask=picked, other=0.0).to(tl.float32)
+                sources = w_t * tl.load(col_max_ptr + pair * L + j, mask=picked, other=0.0)
+                to_rows += tl.sum(tl.where(ic_j[None, :] == rows[:, None], sources[None, :], 0.0), axis=1)
+            proj += g * (w_i * row_max + to_rows)
         if ROW_KEYS:
             jr = tl.load(row_arg_ptr + pair * N + rows, mask=row_in, other=-1).to(tl.int32)
             keys = _sort(tl.where(jr >= 0, jr, L) * BLOCK_R + offs_r)
             keys = keys.to(row_keys_ptr.dtype.element_ty)
             tl.store(row_keys_ptr + pair * N + rows, keys, mask=row_in)  # the cut-off tail holds only "none"
         if COL_KEYS:  # kept by the first block
+            ic = tl.load(col_arg_ptr + pair * L + offs_l, mask=offs_l < L, other=-1)
+            col_keys = _sort(tl.where(ic >= 0, ic, N) * BLOCK_L + offs_l)  # distinct keys: a stable sort
             tl.store(col_keys_ptr + pair * L + offs_l, col_keys, mask=offs_l < tl.where(row0 == 0, L, 0))
     tl.store(d_img_w_ptr + a * N + rows, d_w, mask=row_in)
     if NORMALIZE:
@@ -579,7 +587,8 @@ def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_ma
         _max_similarity_bwd_prep_kernel[(bi, row_blocks)](
             img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
             d_img_w, img_proj, row_keys, col_keys,
-            bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0], **blocks,
+            bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0],
+            PICK_CHUNK=PICK_CHUNK, **blocks,
         )  # fmt: skip
         d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else d_img_w
     if needs[0]:
