@@ -44,8 +44,7 @@ class TrainAugmentation:
     ``photometric`` (blur and colour) or ``geometric`` (rot90/flip and rotation) may be switched off.
     ``note_frame`` ("image" for pathology tiles, "radiological" for chest radiographs, whose "left" is the
     patient's left on the image's right, "axial" for axial CT slices) makes flips and quarter turns rewrite
-    the note's positional words;
-    None keeps the note unchanged, as the official code does.
+    the note's positional words; None keeps the note unchanged, as the official code does.
     ``interpolation`` is the image's sampling mode for the free rotation ("bilinear" or "nearest").
     Geometric parameters are drawn before photometric ones, so two calls with equally seeded generators
     move the mask identically whether or not ``photometric`` is on.
