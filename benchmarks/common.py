@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,23 @@ def write_results(name: str, payload: dict[str, Any], out: str | Path | None = N
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def gather_rows(paths: Sequence[str | Path], same: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict]]:
+    """The rows of several results files (runs made side by side), each row with the environment of the
+    run that made it. The files must agree on the top-level keys in ``same`` (recipe, seed). Returns the
+    payloads and the rows."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    for part, path in zip(parts, paths, strict=True):
+        differ = [key for key in same if part.get(key) != parts[0].get(key)]
+        if differ:
+            raise ValueError(f"{path}: not the same {' and '.join(differ)} as {paths[0]}")
+    rows = [
+        row | {"environment": row.get("environment", part.get("environment"))}
+        for part in parts
+        for row in part["rows"]
+    ]
+    return parts, rows
 
 
 def script_parser(

@@ -15,6 +15,13 @@ Models with a text branch are also scored with shuffled and with constant notes 
 
     python benchmarks/monuseg_cpu.py --data ../shared/data/monuseg --out benchmarks/results/monuseg_cpu.json
 
+Runs made side by side (one variant and seed per process, one thread each) are gathered into one file, each
+row keeping the environment (commit, command, threads) of the run that made it:
+
+    OMP_NUM_THREADS=1 python benchmarks/monuseg_cpu.py --data ../shared/data/monuseg --runs RUNS \
+        --variants reclmis --seeds 1 --out /tmp/reclmis_s1.json
+    python benchmarks/monuseg_cpu.py --combine /tmp/*_s*.json --out benchmarks/results/monuseg_cpu.json
+
 Each run's training time is the sum of its epoch times in metrics.csv; the recipe is sized to stay under
 40 minutes per run on 2 cores. With --runs, an interrupted run is continued from its last.pt (exact resume)
 and a finished one is only evaluated, so the script can be rerun after a crash or a time limit.
@@ -34,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, gather_rows, write_results
 from reclmis.config import load_recipe
 from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
@@ -58,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, help="MoNuSeg in the LViT layout")
+    parser.add_argument("--data", help="MoNuSeg in the LViT layout (required unless --combine)")
     parser.add_argument(
         "--out", default=None, help="results JSON (default benchmarks/results/monuseg_cpu.json)"
     )
@@ -67,7 +74,13 @@ def main() -> None:
     parser.add_argument(
         "--runs", default=None, help="keep the run folders here (default: a temporary folder)"
     )
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="results files to gather into --out")
     args = parser.parse_args()
+    if args.combine:
+        print(write_results("monuseg_cpu", combine(args.combine), args.out))
+        return
+    if args.data is None:
+        parser.error("--data is required (unless --combine)")
     model_config, train_config = load_recipe(RECIPE)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,17 +116,29 @@ def main() -> None:
                 print(f"{name} seed {seed}: test Dice {100 * row['test']['dice']:.2f} (last.pt "
                       f"{100 * row['test_last']['dice']:.2f}{probes}; {minutes:.1f} min, best epoch "
                       f"{state['epoch'] + 1})", flush=True)  # fmt: skip
-    summary = {name: _summary([r for r in rows if r["variant"] == name]) for name in args.variants}
     env = environment("cpu") | {"torch_threads": torch.get_num_threads()}
-    variants = {name: {"model": VARIANTS[name][0], "train": VARIANTS[name][1]} for name in args.variants}
-    payload = {
-        "environment": env,
-        "recipe": RECIPE.name,
-        "variants": variants,
+    print(write_results("monuseg_cpu", {"environment": env} | _tables(RECIPE.name, rows), args.out))
+
+
+def combine(paths: list[str]) -> dict:
+    """One results payload from several of the same recipe, each row with its run's environment."""
+    parts, rows = gather_rows(paths, same=("recipe",))
+    runs = [(row["variant"], row["seed"]) for row in rows]
+    repeated = sorted({run for run in runs if runs.count(run) > 1})
+    if repeated:
+        raise ValueError(f"runs found in more than one file (variant, seed): {repeated}")
+    return _tables(parts[0]["recipe"], rows)
+
+
+def _tables(recipe: str, rows: list[dict]) -> dict:
+    """The payload's recipe, variants (their config changes), rows and per-variant summary over seeds."""
+    names = list(dict.fromkeys(row["variant"] for row in rows))
+    return {
+        "recipe": recipe,
+        "variants": {name: {"model": VARIANTS[name][0], "train": VARIANTS[name][1]} for name in names},
         "rows": rows,
-        "summary": summary,
+        "summary": {name: _summary([r for r in rows if r["variant"] == name]) for name in names},
     }
-    print(write_results("monuseg_cpu", payload, args.out))
 
 
 def _summary(runs: list[dict]) -> dict:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, gather_rows, write_results
 from reclmis.config import load_recipe
 from reclmis.data import make_synthetic
 from reclmis.data.note_probe import NOTE_PROBES
@@ -114,11 +113,7 @@ def run(work: Path, seed: int, variants: list[str]) -> list[dict]:
 
 def combine(paths: list[str]) -> dict:
     """One results payload from several, each row with its run's environment; same recipe and seed only."""
-    parts = [json.loads(Path(path).read_text()) for path in paths]
-    for part, path in zip(parts, paths, strict=True):
-        if (part["recipe"], part["seed"]) != (parts[0]["recipe"], parts[0]["seed"]):
-            raise ValueError(f"{path}: recipe and seed differ from {paths[0]}'s")
-    rows = [row | {"environment": part["environment"]} for part in parts for row in part["rows"]]
+    parts, rows = gather_rows(paths, same=("recipe", "seed"))
     return {"recipe": parts[0]["recipe"], "seed": parts[0]["seed"], "rows": rows}
 
 

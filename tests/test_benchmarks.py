@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,54 @@ def test_run_all_quick_on_cpu_writes_json_and_markdown(tmp_path) -> None:
         text=True,
     )
     assert Path(plots.stdout.splitlines()[0]).is_file()  # the speed-up chart (weighted masking on CPU)
+
+
+def _run_file(path: Path, commit: str, rows: list[dict], **top) -> str:
+    payload = {"environment": {"git_commit": commit}, "recipe": "monuseg_cpu.yaml", "rows": rows} | top
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def _monuseg_row(variant: str, seed: int, dice: float) -> dict:
+    score = {"dice": dice, "iou": dice - 0.1, "n": 14}
+    return {"variant": variant, "seed": seed, "test": score, "test_last": score}
+
+
+def test_monuseg_combine_keeps_each_runs_environment_and_summarises_over_seeds(tmp_path) -> None:
+    from benchmarks.monuseg_cpu import combine
+
+    paths = [
+        _run_file(tmp_path / "a.json", "aaa", [_monuseg_row("reclmis", 0, 0.70)]),
+        _run_file(tmp_path / "b.json", "bbb", [_monuseg_row("reclmis", 1, 0.80)]),
+        _run_file(tmp_path / "c.json", "ccc", [_monuseg_row("no_text", 0, 0.75)]),
+    ]
+    payload = combine(paths)
+    assert [row["environment"]["git_commit"] for row in payload["rows"]] == ["aaa", "bbb", "ccc"]
+    assert list(payload["variants"]) == ["reclmis", "no_text"]
+    assert payload["variants"]["no_text"] == {"model": {"use_text": False}, "train": {}}
+    dice = payload["summary"]["reclmis"]["test"]["dice"]
+    assert dice["mean"] == 0.75 and abs(dice["std"] - 0.0707107) < 1e-6  # sample std of 0.70 and 0.80
+    assert payload["summary"]["no_text"]["test_last"]["dice"] == {"mean": 0.75, "std": 0.0}
+
+
+def test_combine_refuses_a_run_twice_and_another_recipe(tmp_path) -> None:
+    from benchmarks.monuseg_cpu import combine
+
+    first = _run_file(tmp_path / "a.json", "aaa", [_monuseg_row("reclmis", 0, 0.70)])
+    again = _run_file(tmp_path / "b.json", "bbb", [_monuseg_row("reclmis", 0, 0.71)])
+    with pytest.raises(ValueError, match=r"more than one file.*'reclmis', 0"):
+        combine([first, again])
+    other = _run_file(tmp_path / "c.json", "ccc", [_monuseg_row("no_text", 0, 0.75)], recipe="other.yaml")
+    with pytest.raises(ValueError, match=r"c\.json: not the same recipe as"):
+        combine([first, other])
+
+
+def test_note_following_combine_checks_the_seed(tmp_path) -> None:
+    from benchmarks.note_following import combine
+
+    row = {"variant": "reclmis", "test": {"dice": 0.8}}
+    seed0 = _run_file(tmp_path / "a.json", "aaa", [row], recipe="synthetic_tiny.yaml", seed=0)
+    seed1 = _run_file(tmp_path / "b.json", "bbb", [row], recipe="synthetic_tiny.yaml", seed=1)
+    assert combine([seed0])["rows"][0]["environment"] == {"git_commit": "aaa"}
+    with pytest.raises(ValueError, match=r"b\.json: not the same seed as"):
+        combine([seed0, seed1])
