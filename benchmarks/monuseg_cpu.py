@@ -4,6 +4,7 @@ here and this project's switches:
 
 - reclmis:             the recipe as it is (note-consistent flips and turns, same-note pairs no negatives);
 - no_ccl, no_recon:    without the contrastive loss; without both reconstructions (CVR and CLR);
+- no_aux:              without all three (CI alone: the note reaches the decoder, no auxiliary loss);
 - no_text:             the text branch off (Table III, row e): a U-Net with PLAM;
 - gate:                the gated text injection in CI (interaction_gate);
 - same_note_negatives: the official contrastive loss (pairs with the same note are negatives);
@@ -53,6 +54,7 @@ VARIANTS = {
     "reclmis": ({}, {}),
     "no_ccl": ({"use_ccl": False}, {}),
     "no_recon": ({"use_cvr": False, "use_clr": False}, {}),
+    "no_aux": ({"use_ccl": False, "use_cvr": False, "use_clr": False}, {}),
     "no_text": ({"use_text": False}, {}),
     "gate": ({"interaction_gate": True}, {}),
     "same_note_negatives": ({"ccl_exclude_same_notes": False}, {}),
