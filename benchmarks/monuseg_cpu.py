@@ -7,6 +7,7 @@ here and this project's switches:
 - no_aux:              without all three (CI alone: the note reaches the decoder, no auxiliary loss);
 - no_text:             the text branch off (Table III, row e): a U-Net with PLAM;
 - gate:                the gated text injection in CI (interaction_gate);
+- norm:                each CI attention's output layer-normalised before the residual sum (interaction_norm);
 - same_note_negatives: the official contrastive loss (pairs with the same note are negatives);
 - official_aug:        the official augmentation (flips and turns that leave the note as it is);
 - photometric:         no flips or rotations.
@@ -57,6 +58,7 @@ VARIANTS = {
     "no_aux": ({"use_ccl": False, "use_cvr": False, "use_clr": False}, {}),
     "no_text": ({"use_text": False}, {}),
     "gate": ({"interaction_gate": True}, {}),
+    "norm": ({"interaction_norm": True}, {}),
     "same_note_negatives": ({"ccl_exclude_same_notes": False}, {}),
     "official_aug": ({}, {"augment": "official"}),
     "photometric": ({}, {"augment": "photometric"}),

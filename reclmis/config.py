@@ -62,6 +62,11 @@ class RecLMISConfig:
     # channel, zero-initialised (g = 1: the ungated model at the start), so the note can also scale visual
     # features down, e.g. a lesion it does not name; off = the paper's sum
     interaction_gate: bool = False
+    # LayerNorm on each CI attention's output before it is added: E' = E + LN(MHA(E, V)),
+    # V' = V + LN(MHA(V, E')). Without it nothing bounds what the attentions add, and on MoNuSeg MHA(V, E')
+    # grows to 20-2000x V (RMS) as training goes on, burying the visual tokens the decoder reads; off = the
+    # paper's sum
+    interaction_norm: bool = False
     # each reconstructor (CVR, CLR): a memory stack encoding the condition source, then a reconstruction
     # stack rebuilding the masked tokens (the official DualTransformer: 3 + 3, 4 + 4 in the QaTa recipe)
     recon_memory_layers: int = 3

@@ -88,6 +88,7 @@ def test_segmentation_loss_is_the_official_dice_by_default() -> None:
         {"attention_mode": "scale"},
         {"recon_memory_layers": 0},
         {"interaction_gate": True},
+        {"interaction_norm": True},
     ],
     ids=str,
 )
@@ -267,6 +268,22 @@ def test_text_gate_starts_as_the_ungated_model_and_then_scales_visual_tokens() -
     with torch.no_grad():
         gated.interaction.gate.bias.fill_(-3.0)  # g = 2 sigmoid(-3): the visual tokens scaled by 0.095
     assert not torch.allclose(gated(images, ids, mask).logits, plain(images, ids, mask).logits)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "official"])
+def test_interaction_norm_bounds_what_the_attentions_add(residual: bool) -> None:
+    """With interaction_norm the logits do not change when both attentions' output projections are scaled
+    up 1000x (the drift it guards against); without it they do."""
+    images, ids, mask, _ = make_batch(make_model())
+    for norm in (True, False):
+        model = make_model(interaction_norm=norm, interaction_residual=residual).eval()
+        before = model(images, ids, mask).logits
+        with torch.no_grad():
+            for attention in (model.interaction.text_attention, model.interaction.image_attention):
+                attention.out_proj.weight.mul_(1000)
+                attention.out_proj.bias.mul_(1000)
+        after = model(images, ids, mask).logits
+        assert torch.allclose(after, before, rtol=1e-3, atol=1e-3) == norm
 
 
 def test_masked_batch_norm_equals_batch_norm_over_valid_tokens() -> None:

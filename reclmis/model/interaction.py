@@ -67,7 +67,9 @@ class ConditionedInteraction(nn.Module):
     decoder only through the attention patterns, and a model trained from scratch does not learn to follow
     it (benchmarks/note_following.py measures both). With ``gate=True`` the text also scales the visual
     tokens: V' = g * V + MHA(V, E'), g = 2 sigmoid(Linear(MHA(V, E'))) per patch and channel, the Linear
-    zero-initialised so that g starts at 1.
+    zero-initialised so that g starts at 1. With ``norm=True`` each attention's output is layer-normalised
+    before the sum (E' = E + LN(MHA(E, V)), V' = V + LN(MHA(V, E'))), which bounds what the note adds to
+    the visual tokens whatever scale the attention weights drift to.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class ConditionedInteraction(nn.Module):
         dropout: float = 0.1,
         residual: bool = True,
         gate: bool = False,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         if gate and not residual:
@@ -87,6 +90,8 @@ class ConditionedInteraction(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        self.text_norm = nn.LayerNorm(width) if norm else nn.Identity()
+        self.image_norm = nn.LayerNorm(width) if norm else nn.Identity()
         self.patch_embedding = nn.Conv2d(width, width, kernel_size=1)
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches, width))
         self.dropout = nn.Dropout(dropout)
@@ -100,11 +105,12 @@ class ConditionedInteraction(nn.Module):
         # stage4 (B, C, g, g); text (B, L, C); text_mask (B, L) bool
         v = self.patch_embedding(stage4).flatten(2).transpose(1, 2)  # (B, N, C)
         v = self.dropout(v + self.position_embedding)
-        e = self.text_attention(text, v, v, need_weights=False)[0]  # (B, L, C)
+        e = self.text_norm(self.text_attention(text, v, v, need_weights=False)[0])  # (B, L, C)
         if self.residual:
             e = e + text
         padding = ~text_mask
         attended = self.image_attention(v, e, e, key_padding_mask=padding, need_weights=False)[0]  # (B, N, C)
+        attended = self.image_norm(attended)
         if self.gate is not None:
             v = 2 * torch.sigmoid(self.gate(attended)) * v
         v = v + attended if self.residual else attended

@@ -71,6 +71,7 @@ class RecLMIS(nn.Module):
             config.interaction_heads,
             residual=config.interaction_residual,
             gate=config.interaction_gate,
+            norm=config.interaction_norm,
         )
         self.poi_head = InterestWeights(width, config.w_head_dropout)  # W_poi
         self.woi_head = InterestWeights(width, config.w_head_dropout)  # W_woi
