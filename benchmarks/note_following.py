@@ -6,6 +6,7 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 - photometric:       blur and colour augmentation only (no flips or rotations);
 - official_aug:      the official augmentation: flips and rotations that leave the note as it is;
 - gate:              the gated text injection in CI (interaction_gate);
+- norm:              each CI attention's output layer-normalised before the residual sum (interaction_norm);
 - same_note_negatives: the official contrastive loss, whose negatives include pairs of images with the same
                      note;
 - official_ci:       CI exactly as the official code (no residual connections: the note reaches the decoder
@@ -62,6 +63,7 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "photometric": {"train": {"augment": "photometric"}},
     "official_aug": {"train": {"augment": "official"}},
     "gate": {"model": {"interaction_gate": True}},
+    "norm": {"model": {"interaction_norm": True}},
     "same_note_negatives": {"model": {"ccl_exclude_same_notes": False}},
     "official_ci": {"model": {"interaction_residual": False}},
     "official_causal": {"model": {"recon_causal": True}},
