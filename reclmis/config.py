@@ -63,9 +63,8 @@ class RecLMISConfig:
     # features down, e.g. a lesion it does not name; off = the paper's sum
     interaction_gate: bool = False
     # LayerNorm on each CI attention's output before it is added: E' = E + LN(MHA(E, V)),
-    # V' = V + LN(MHA(V, E')). Without it nothing bounds what the attentions add: on MoNuSeg, with the
-    # auxiliary losses on, MHA(V, E') grows to 28-1500x V's RMS (benchmarks/results/monuseg_diagnosis_cpu.json);
-    # off = the paper's sum
+    # V' = V + LN(MHA(V, E')). Without it nothing bounds what the attentions add: on MoNuSeg MHA(V, E') grows
+    # to 4-1500x V's RMS (benchmarks/results/monuseg_diagnosis_cpu.json); off = the paper's sum
     interaction_norm: bool = False
     # each reconstructor (CVR, CLR): a memory stack encoding the condition source, then a reconstruction
     # stack rebuilding the masked tokens (the official DualTransformer: 3 + 3, 4 + 4 in the QaTa recipe)
