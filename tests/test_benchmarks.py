@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +93,27 @@ def test_note_following_combine_checks_the_seed(tmp_path) -> None:
     assert combine([seed0])["rows"][0]["environment"] == {"git_commit": "aaa"}
     with pytest.raises(ValueError, match=r"b\.json: not the same seed as"):
         combine([seed0, seed1])
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_monuseg_diagnosis_reads_ci_from_the_models_own_forward(norm: bool) -> None:
+    from benchmarks.monuseg_diagnosis import ci_scales
+    from reclmis.config import RecLMISConfig
+    from reclmis.model import RecLMIS
+
+    torch.manual_seed(0)
+    notes = ["The nuclei density in the upper right is high.", "Nuclei are sparse on the left."]
+    config = RecLMISConfig.preset("tiny", ops_backend="reference", interaction_norm=norm)
+    model = RecLMIS.build(config, notes).train()
+    images = torch.randn(2, 3, 64, 64)
+    scales = ci_scales(model, images, notes)
+    assert model.training  # the diagnosis restores the mode it found
+    model.eval()
+    with torch.no_grad():
+        ci, stage4 = model.interaction, model.encoder(images)[-1]
+        v = ci.patch_embedding(stage4).flatten(2).transpose(1, 2) + ci.position_embedding
+    assert scales["rms_stage4"] == pytest.approx(stage4.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert scales["rms_V"] == pytest.approx(v.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert scales["ratio_mha_to_V"] == pytest.approx(scales["rms_mha_v_e"] / scales["rms_V"])
+    if norm:  # a LayerNorm at its initial affine (1, 0): unit RMS per token
+        assert scales["rms_mha_v_e"] == pytest.approx(1.0, abs=1e-3)
