@@ -117,3 +117,17 @@ def test_monuseg_diagnosis_reads_ci_from_the_models_own_forward(norm: bool) -> N
     assert scales["ratio_mha_to_V"] == pytest.approx(scales["rms_mha_v_e"] / scales["rms_V"])
     if norm:  # a LayerNorm at its initial affine (1, 0): unit RMS per token
         assert scales["rms_mha_v_e"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_text_gradients_splits_the_text_towers_gradient_by_loss_term(tmp_path) -> None:
+    from benchmarks.text_gradients import text_gradients
+    from reclmis.data import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_train=16, n_val=4, n_test=4, seed=0)
+    row = text_gradients(ROOT / "configs" / "synthetic_tiny.yaml", data, seed=0, batches=1)
+    assert all(norm > 0 for norm in row["unweighted"].values()), row["unweighted"]
+    official, tenth = row["weighted"]["official"], row["weighted"]["auxiliary_tenth"]
+    assert tenth["auxiliary"] == pytest.approx(0.1 * official["auxiliary"], rel=1e-4)
+    assert tenth["segmentation"] == pytest.approx(official["segmentation"], rel=1e-6)
+    with pytest.raises(ValueError, match="fewer than 2 batches of 16"):
+        text_gradients(ROOT / "configs" / "synthetic_tiny.yaml", data, seed=0, batches=2)

@@ -1,0 +1,106 @@
+"""Who trains the text tower? At initialisation, the gradient that each term of Eq. 11 sends into the text
+tower trained from scratch (text_encoder and text_projection), for a recipe's model on its training images
+(no augmentation, train mode): the norm of each term's own gradient (unweighted), and the norms of the
+summed auxiliary gradient (L_V2T, L_T2V, L_CCL) and of the segmentation gradient (L_Dice, L_BCE) under the
+official weights and under the auxiliary losses at a tenth. Averaged over the first batches of the split.
+
+    python benchmarks/text_gradients.py --recipe configs/synthetic_tiny.yaml --seeds 0 1 2 3 \\
+        --out benchmarks/results/text_gradients_cpu.json      # the demo's generated data, per seed
+    python benchmarks/text_gradients.py --recipe configs/monuseg_cpu.yaml --data ../shared/data/monuseg
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, write_results
+from reclmis.config import LossWeights, load_recipe
+from reclmis.data import LViTDataset, make_synthetic
+from reclmis.model import RecLMIS
+
+AUXILIARY, SEGMENTATION = ("v2t", "t2v", "ccl"), ("dice", "bce")
+WEIGHTINGS = {
+    "official": LossWeights(),
+    "auxiliary_tenth": LossWeights(v2t=0.1, t2v=0.1, ccl=0.02),
+}
+
+
+def _grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor | None, ...]:
+    return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+
+def _norm(grads: tuple[torch.Tensor | None, ...]) -> float:
+    return sum(g.float().pow(2).sum() for g in grads if g is not None).sqrt().item()
+
+
+def text_gradients(recipe: Path, data: Path, seed: int, batches: int) -> dict:
+    model_config, train_config = load_recipe(recipe)
+    if model_config.text_encoder is not None:
+        raise ValueError(f"{recipe}: the text tower is loaded (text_encoder), not trained from scratch")
+    train = LViTDataset(data, "train", model_config.image_size)
+    size = train_config.batch_size
+    if len(train) < batches * size:
+        raise ValueError(f"{data}: {len(train)} training images, fewer than {batches} batches of {size}")
+    torch.manual_seed(seed)
+    model = RecLMIS.build(model_config, [train[i]["text"] for i in range(len(train))]).train()
+    params = [p for n, p in model.named_parameters() if n.startswith(("text_encoder.", "text_projection."))]
+    terms = AUXILIARY + SEGMENTATION
+    raw = {name: 0.0 for name in terms}
+    summed = {(w, part): 0.0 for w in WEIGHTINGS for part in ("auxiliary", "segmentation")}
+    for b in range(batches):
+        items = [train[i] for i in range(b * size, (b + 1) * size)]
+        images = torch.stack([item["image"] for item in items])
+        masks = torch.stack([item["mask"] for item in items])
+        losses = model(images, *model.tokenize([item["text"] for item in items]), masks).losses
+        for name in terms:
+            raw[name] += _norm(_grad(losses[name], params)) / batches
+        for wname, w in WEIGHTINGS.items():
+            weight = {"v2t": w.v2t, "t2v": w.t2v, "ccl": w.ccl, "dice": w.seg * w.dice, "bce": w.seg * w.bce}
+            for part, names in (("auxiliary", AUXILIARY), ("segmentation", SEGMENTATION)):
+                loss = sum(weight[n] * losses[n] for n in names)
+                summed[wname, part] += _norm(_grad(loss, params)) / batches
+    weighted = {
+        wname: {
+            "weights": dataclasses.asdict(w),
+            "auxiliary": summed[wname, "auxiliary"],
+            "segmentation": summed[wname, "segmentation"],
+            "auxiliary_over_segmentation": summed[wname, "auxiliary"] / summed[wname, "segmentation"],
+        }
+        for wname, w in WEIGHTINGS.items()
+    }
+    return {"seed": seed, "batches": batches, "batch_size": size, "unweighted": raw, "weighted": weighted}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", required=True, help="a YAML recipe whose text tower trains from scratch")
+    parser.add_argument("--data", default=None, help="LViT layout (default: the demo's generated data)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--out", default=None, help="default benchmarks/results/text_gradients_cpu.json")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in args.seeds:
+            data = Path(args.data) if args.data else make_synthetic(Path(scratch) / f"data{seed}", seed=seed)
+            rows.append(text_gradients(Path(args.recipe), data, seed, args.batches))
+            weighted = rows[-1]["weighted"]
+            print(f"seed {seed}: auxiliary / segmentation gradient into the text tower "
+                  f"{weighted['official']['auxiliary_over_segmentation']:.1f}x (official weights), "
+                  f"{weighted['auxiliary_tenth']['auxiliary_over_segmentation']:.1f}x (a tenth)")  # fmt: skip
+    payload = {"environment": environment("cpu"), "recipe": Path(args.recipe).name, "rows": rows}
+    print(write_results("text_gradients_cpu", payload, args.out))
+
+
+if __name__ == "__main__":
+    main()
