@@ -10,6 +10,7 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 - no_ccl:            without the contrastive loss L_CCL (paper Table III);
 - no_aux:            CI alone: without L_CCL and both reconstructions (CVR, CLR);
 - aux_tenth:         the three auxiliary losses (CVR, CLR, L_CCL) at a tenth of their weights;
+- aux_hundredth:     the three auxiliary losses at a hundredth of their weights;
 - same_note_negatives: the official contrastive loss, whose negatives include pairs of images with the same
                      note;
 - official_ci:       CI exactly as the official code (no residual connections: the note reaches the decoder
@@ -70,6 +71,7 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "no_ccl": {"model": {"use_ccl": False}},
     "no_aux": {"model": {"use_ccl": False, "use_cvr": False, "use_clr": False}},
     "aux_tenth": {"model": {"loss_weights": {"v2t": 0.1, "t2v": 0.1, "ccl": 0.02}}},
+    "aux_hundredth": {"model": {"loss_weights": {"v2t": 0.01, "t2v": 0.01, "ccl": 0.002}}},
     "same_note_negatives": {"model": {"ccl_exclude_same_notes": False}},
     "official_ci": {"model": {"interaction_residual": False}},
     "official_causal": {"model": {"recon_causal": True}},
