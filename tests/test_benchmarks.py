@@ -131,3 +131,18 @@ def test_text_gradients_splits_the_text_towers_gradient_by_loss_term(tmp_path) -
     assert tenth["segmentation"] == pytest.approx(official["segmentation"], rel=1e-6)
     with pytest.raises(ValueError, match="fewer than 2 batches of 16"):
         text_gradients(ROOT / "configs" / "synthetic_tiny.yaml", data, seed=0, batches=2)
+
+
+def test_demo_results_gathers_what_make_demo_wrote(tmp_path) -> None:
+    from benchmarks.demo_results import demo_results
+
+    score = {"dice": 0.9, "iou": 0.8, "n": 100, "notes": "own"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "counterfactual.json").write_text(json.dumps(score))
+    (tmp_path / "run" / "metrics.csv").write_text("epoch,seconds,val_dice\n1,30,0.51234\n2,90,0.9\n")
+    with pytest.raises(FileNotFoundError, match=r"test\.json"):
+        demo_results(tmp_path)
+    (tmp_path / "test.json").write_text(json.dumps(score | {"probe": score | {"dice": 0.3}}))
+    payload = demo_results(tmp_path)
+    assert payload["test"] == score and payload["test_shuffled_notes"]["dice"] == 0.3
+    assert payload["val_dice_per_epoch"] == [0.5123, 0.9] and payload["train_minutes"] == 2.0
