@@ -6,6 +6,7 @@ here and this project's switches:
 - no_ccl, no_recon:    without the contrastive loss; without both reconstructions (CVR and CLR);
 - no_aux:              without all three (CI alone: the note reaches the decoder, no auxiliary loss);
 - aux_tenth:           the three auxiliary losses at a tenth of their weights in Eq. 11;
+- aux_hundredth:       at a hundredth (the demo recipe's weights);
 - no_text:             the text branch off (Table III, row e): a U-Net with PLAM;
 - gate:                the gated text injection in CI (interaction_gate);
 - norm:                each CI attention's output layer-normalised before the residual sum (interaction_norm);
@@ -58,6 +59,7 @@ VARIANTS = {
     "no_recon": ({"use_cvr": False, "use_clr": False}, {}),
     "no_aux": ({"use_ccl": False, "use_cvr": False, "use_clr": False}, {}),
     "aux_tenth": ({"loss_weights": {"v2t": 0.1, "t2v": 0.1, "ccl": 0.02}}, {}),
+    "aux_hundredth": ({"loss_weights": {"v2t": 0.01, "t2v": 0.01, "ccl": 0.002}}, {}),
     "no_text": ({"use_text": False}, {}),
     "gate": ({"interaction_gate": True}, {}),
     "norm": ({"interaction_norm": True}, {}),
