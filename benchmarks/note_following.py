@@ -1,16 +1,18 @@
 """Does the model read the note? The demo recipe on generated data, evaluated on the test split and on its
 counterfactual copy (same images, notes and masks naming other lesions), for these variants:
 
-- reclmis:           the default model (CI with residual connections) and recipe (augment: full, the notes'
-                     positional words moved with every flip and turn);
+- reclmis:           the default model (CI with residual connections) and the recipe (augment: full, the
+                     notes' positional words moved with every flip and turn; the auxiliary losses at a
+                     hundredth of the official weights);
 - photometric:       blur and colour augmentation only (no flips or rotations);
 - official_aug:      the official augmentation: flips and rotations that leave the note as it is;
 - gate:              the gated text injection in CI (interaction_gate);
 - norm:              each CI attention's output layer-normalised before the residual sum (interaction_norm);
 - no_ccl:            without the contrastive loss L_CCL (paper Table III);
 - no_aux:            CI alone: without L_CCL and both reconstructions (CVR, CLR);
-- aux_tenth:         the three auxiliary losses (CVR, CLR, L_CCL) at a tenth of their weights;
-- aux_hundredth:     the three auxiliary losses at a hundredth of their weights;
+- aux_tenth:         the three auxiliary losses (CVR, CLR, L_CCL) at a tenth of the official weights;
+- aux_hundredth:     at a hundredth (the recipe's own weights since commit 33e1efa);
+- official_weights:  at the official weights (the recipe before 33e1efa);
 - same_note_negatives: the official contrastive loss, whose negatives include pairs of images with the same
                      note;
 - official_ci:       CI exactly as the official code (no residual connections: the note reaches the decoder
@@ -26,9 +28,9 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 A model that follows the note scores about the same on both splits; one that ignores it cannot, because the
 counterfactual masks cover other lesions of the same pictures. Each row also holds the test split scored
 with shuffled notes (another image's) and with one constant note (``reclmis evaluate --notes``): a model
-that reads its note loses Dice there. Rows keep the validation Dice of every epoch too: a model learns to
-read its note in a sudden jump (from the image-only plateau near 60 to about 80 within a few epochs), or not
-at all within the budget.
+that reads its note loses Dice there. Rows keep the validation Dice of every epoch too: at the official
+auxiliary weights a model learned to read its note in a sudden jump (from the image-only plateau near 60 to
+about 80 within a few epochs), late or not at all within the budget.
 
     python benchmarks/note_following.py --out benchmarks/results/note_following_cpu.json
     python benchmarks/note_following.py --threads 1 --variants gate --out /tmp/gate.json   # one variant alone
@@ -72,6 +74,7 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "no_aux": {"model": {"use_ccl": False, "use_cvr": False, "use_clr": False}},
     "aux_tenth": {"model": {"loss_weights": {"v2t": 0.1, "t2v": 0.1, "ccl": 0.02}}},
     "aux_hundredth": {"model": {"loss_weights": {"v2t": 0.01, "t2v": 0.01, "ccl": 0.002}}},
+    "official_weights": {"model": {"loss_weights": {"v2t": 1.0, "t2v": 1.0, "ccl": 0.2}}},
     "same_note_negatives": {"model": {"ccl_exclude_same_notes": False}},
     "official_ci": {"model": {"interaction_residual": False}},
     "official_causal": {"model": {"recon_causal": True}},
