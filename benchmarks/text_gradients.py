@@ -2,11 +2,13 @@
 tower trained from scratch (text_encoder and text_projection), for a recipe's model on its training images
 (no augmentation, train mode): the norm of each term's own gradient (unweighted), and the norms of the
 summed auxiliary gradient (L_V2T, L_T2V, L_CCL) and of the segmentation gradient (L_Dice, L_BCE) under the
-official weights and under the auxiliary losses at a tenth and at a hundredth. Averaged over the first batches of the split.
+official weights and under the auxiliary losses at a tenth and at a hundredth. Averaged over the first
+batches of the split.
 
     python benchmarks/text_gradients.py --recipe configs/synthetic_tiny.yaml --seeds 0 1 2 3 \\
-        --out benchmarks/results/text_gradients_cpu.json      # the demo's generated data, per seed
-    python benchmarks/text_gradients.py --recipe configs/monuseg_cpu.yaml --data ../shared/data/monuseg
+        --out benchmarks/results/text_gradients_demo_cpu.json      # the demo's generated data, per seed
+    python benchmarks/text_gradients.py --recipe configs/monuseg_cpu.yaml --data ../shared/data/monuseg \\
+        --seeds 0 1 2 --out benchmarks/results/text_gradients_monuseg_cpu.json
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def text_gradients(recipe: Path, data: Path, seed: int, batches: int) -> dict:
         for name in terms:
             raw[name] += _norm(_grad(losses[name], params)) / batches
         for wname, w in WEIGHTINGS.items():
-            weight = {"v2t": w.v2t, "t2v": w.t2v, "ccl": w.ccl, "dice": w.seg * w.dice, "bce": w.seg * w.bce}
+            weight = w.per_term()
             for part, names in (("auxiliary", AUXILIARY), ("segmentation", SEGMENTATION)):
                 loss = sum(weight[n] * losses[n] for n in names)
                 summed[wname, part] += _norm(_grad(loss, params)) / batches

@@ -38,6 +38,11 @@ class LossWeights:
             if not value >= 0:
                 raise ValueError(f"loss_weights.{name} must be non-negative, got {value}")
 
+    def per_term(self) -> dict[str, float]:
+        """The weight of each loss term in Eq. 11 (the segmentation weight folded into Dice and BCE)."""
+        return {"v2t": self.v2t, "t2v": self.t2v, "ccl": self.ccl, "dice": self.seg * self.dice,
+                "bce": self.seg * self.bce}  # fmt: skip
+
 
 @dataclass
 class RecLMISConfig:

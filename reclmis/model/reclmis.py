@@ -204,8 +204,7 @@ class RecLMIS(nn.Module):
 
     def _weighted_total(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Eq. 11: L = w_v2t L_V2T + w_t2v L_T2V + w_ccl L_CCL + w_seg (w_dice L_Dice + w_bce L_BCE)."""
-        w = self.config.loss_weights
-        weights = {"v2t": w.v2t, "t2v": w.t2v, "ccl": w.ccl, "dice": w.seg * w.dice, "bce": w.seg * w.bce}
+        weights = self.config.loss_weights.per_term()
         losses["total"] = sum(weights[name] * value for name, value in losses.items())
         return losses
 
