@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from reclmis.config import LossWeights
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -83,6 +85,14 @@ def measure(
         times.append((time.perf_counter() - start) * 1e3)
     peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20 if device == "cuda" else None
     return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_mem_mib": peak}
+
+
+def auxiliary_weights(divisor: int = 1) -> dict[str, float]:
+    """The three auxiliary weights of Eq. 11 (L_V2T, L_T2V, L_CCL) at 1/divisor of the official ones, as a
+    recipe's ``loss_weights`` override. Divided, not multiplied, so that a hundredth of 0.2 is the float 0.002
+    that a recipe spells."""
+    official = LossWeights()
+    return {"v2t": official.v2t / divisor, "t2v": official.t2v / divisor, "ccl": official.ccl / divisor}
 
 
 def write_results(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:

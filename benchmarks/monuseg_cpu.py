@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, gather_rows, write_results
+from benchmarks.common import auxiliary_weights, environment, gather_rows, write_results
 from reclmis.config import load_recipe
 from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
@@ -58,8 +58,8 @@ VARIANTS = {
     "no_ccl": ({"use_ccl": False}, {}),
     "no_recon": ({"use_cvr": False, "use_clr": False}, {}),
     "no_aux": ({"use_ccl": False, "use_cvr": False, "use_clr": False}, {}),
-    "aux_tenth": ({"loss_weights": {"v2t": 0.1, "t2v": 0.1, "ccl": 0.02}}, {}),
-    "aux_hundredth": ({"loss_weights": {"v2t": 0.01, "t2v": 0.01, "ccl": 0.002}}, {}),
+    "aux_tenth": ({"loss_weights": auxiliary_weights(10)}, {}),
+    "aux_hundredth": ({"loss_weights": auxiliary_weights(100)}, {}),
     "no_text": ({"use_text": False}, {}),
     "gate": ({"interaction_gate": True}, {}),
     "norm": ({"interaction_norm": True}, {}),

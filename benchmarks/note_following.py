@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, gather_rows, write_results
+from benchmarks.common import auxiliary_weights, environment, gather_rows, write_results
 from reclmis.config import load_recipe
 from reclmis.data import make_synthetic
 from reclmis.data.note_probe import NOTE_PROBES
@@ -72,9 +72,9 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "norm": {"model": {"interaction_norm": True}},
     "no_ccl": {"model": {"use_ccl": False}},
     "no_aux": {"model": {"use_ccl": False, "use_cvr": False, "use_clr": False}},
-    "aux_tenth": {"model": {"loss_weights": {"v2t": 0.1, "t2v": 0.1, "ccl": 0.02}}},
-    "aux_hundredth": {"model": {"loss_weights": {"v2t": 0.01, "t2v": 0.01, "ccl": 0.002}}},
-    "official_weights": {"model": {"loss_weights": {"v2t": 1.0, "t2v": 1.0, "ccl": 0.2}}},
+    "aux_tenth": {"model": {"loss_weights": auxiliary_weights(10)}},
+    "aux_hundredth": {"model": {"loss_weights": auxiliary_weights(100)}},
+    "official_weights": {"model": {"loss_weights": auxiliary_weights()}},
     "same_note_negatives": {"model": {"ccl_exclude_same_notes": False}},
     "official_ci": {"model": {"interaction_residual": False}},
     "official_causal": {"model": {"recon_causal": True}},

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import auxiliary_weights, environment, write_results
 from reclmis.config import LossWeights, load_recipe
 from reclmis.data import LViTDataset, make_synthetic
 from reclmis.model import RecLMIS
@@ -31,8 +31,8 @@ from reclmis.model import RecLMIS
 AUXILIARY, SEGMENTATION = ("v2t", "t2v", "ccl"), ("dice", "bce")
 WEIGHTINGS = {
     "official": LossWeights(),
-    "auxiliary_tenth": LossWeights(v2t=0.1, t2v=0.1, ccl=0.02),
-    "auxiliary_hundredth": LossWeights(v2t=0.01, t2v=0.01, ccl=0.002),  # the demo recipe's
+    "auxiliary_tenth": LossWeights(**auxiliary_weights(10)),
+    "auxiliary_hundredth": LossWeights(**auxiliary_weights(100)),  # the demo recipe's
 }
 
 

@@ -119,6 +119,16 @@ def test_monuseg_diagnosis_reads_ci_from_the_models_own_forward(norm: bool) -> N
         assert scales["rms_mha_v_e"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_aux_hundredth_is_the_demo_recipes_weights() -> None:
+    """note_following's aux_hundredth row is what `make demo` trains with; both read the weights as floats."""
+    from benchmarks.common import auxiliary_weights
+    from reclmis.config import LossWeights, load_recipe
+
+    model_config, _ = load_recipe(ROOT / "configs" / "synthetic_tiny.yaml")
+    assert LossWeights(**auxiliary_weights(100)) == model_config.loss_weights
+    assert LossWeights(**auxiliary_weights()) == LossWeights()
+
+
 def test_text_gradients_splits_the_text_towers_gradient_by_loss_term(tmp_path) -> None:
     from benchmarks.text_gradients import text_gradients
     from reclmis.data import make_synthetic
