@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing, peak memory, environment record and results files.
+"""Shared benchmark plumbing: timing, peak memory, environment record, results files, and the auxiliary
+loss weights that the training benchmarks (note_following, monuseg_cpu, text_gradients) vary.
 
 Every op suite exposes ``run(device: str, quick: bool) -> list[dict]`` (rows as produced by
 ``measure``) for ``benchmarks/run_all.py``, a pytest-benchmark suite, and a script mode writing JSON.
