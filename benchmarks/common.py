@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +106,12 @@ def write_results(name: str, payload: dict[str, Any], out: str | Path | None = N
     return path
 
 
-def gather_rows(paths: Sequence[str | Path], same: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict]]:
+def gather_rows(
+    paths: Sequence[str | Path], same: Sequence[str], run: Callable[[dict], Hashable]
+) -> tuple[list[dict[str, Any]], list[dict]]:
     """The rows of several results files (runs made side by side), each row with the environment of the
-    run that made it. The files must agree on the top-level keys in ``same`` (recipe, seed). Returns the
-    payloads and the rows."""
+    run that made it. The files must agree on the top-level keys in ``same`` (recipe, seed), and a run
+    (``run(row)``, e.g. its variant and seed) may be in one file only. Returns the payloads and the rows."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
     for part, path in zip(parts, paths, strict=True):
         differ = [key for key in same if part.get(key) != parts[0].get(key)]
@@ -120,6 +122,10 @@ def gather_rows(paths: Sequence[str | Path], same: Sequence[str]) -> tuple[list[
         for part in parts
         for row in part["rows"]
     ]
+    runs = [run(row) for row in rows]
+    repeated = sorted({r for r in runs if runs.count(r) > 1})
+    if repeated:
+        raise ValueError(f"runs found in more than one file: {repeated}")
     return parts, rows
 
 

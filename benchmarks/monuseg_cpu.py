@@ -130,11 +130,7 @@ def main() -> None:
 
 def combine(paths: list[str]) -> dict:
     """One results payload from several of the same recipe, each row with its run's environment."""
-    parts, rows = gather_rows(paths, same=("recipe",))
-    runs = [(row["variant"], row["seed"]) for row in rows]
-    repeated = sorted({run for run in runs if runs.count(run) > 1})
-    if repeated:
-        raise ValueError(f"runs found in more than one file (variant, seed): {repeated}")
+    parts, rows = gather_rows(paths, same=("recipe",), run=lambda row: (row["variant"], row["seed"]))
     return _tables(parts[0]["recipe"], rows)
 
 

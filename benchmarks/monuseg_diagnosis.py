@@ -10,6 +10,11 @@ residual V' = V + MHA(V, E') is ruled by the attention.
 
     python benchmarks/monuseg_diagnosis.py --data ../shared/data/monuseg --runs /tmp/monuseg_runs \\
         reclmis-seed0 no_text-seed0 --out benchmarks/results/monuseg_diagnosis_cpu.json
+
+Diagnoses made at different times (run folders that are gone keep their rows) are gathered, each row with
+its own environment, by
+
+    python benchmarks/monuseg_diagnosis.py --combine benchmarks/results/monuseg_diagnosis_cpu.json new.json
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, gather_rows, write_results
 from reclmis.data import LViTDataset
 from reclmis.model import RecLMIS
 from reclmis.train import model_from_checkpoint
@@ -80,15 +85,27 @@ def diagnose(run: Path, data: str | Path) -> dict:
     return row
 
 
+def combine(paths: list[str]) -> dict:
+    """One diagnosis payload from several, each row with the environment of the diagnosis that made it."""
+    _, rows = gather_rows(paths, same=(), run=lambda row: row["run"])
+    return {"rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, help="MoNuSeg in the LViT layout")
-    parser.add_argument("--runs", required=True, help="the --runs folder of benchmarks/monuseg_cpu.py")
-    parser.add_argument("names", nargs="+", help="run folders under --runs (VARIANT-seedS)")
+    parser.add_argument("--data", help="MoNuSeg in the LViT layout (required unless --combine)")
+    parser.add_argument("--runs", help="the --runs folder of benchmarks/monuseg_cpu.py (unless --combine)")
+    parser.add_argument("names", nargs="*", help="run folders under --runs (VARIANT-seedS)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="diagnosis files to gather into --out")
     parser.add_argument("--out", default=None, help="default benchmarks/results/monuseg_diagnosis_cpu.json")
     args = parser.parse_args()
+    if args.combine:
+        print(write_results("monuseg_diagnosis_cpu", combine(args.combine), args.out))
+        return
+    if not (args.data and args.runs and args.names):
+        parser.error("--data, --runs and at least one run folder are required (unless --combine)")
     torch.set_num_threads(1)
     rows = [diagnose(Path(args.runs) / name, args.data) for name in args.names]
     payload = {"environment": environment("cpu"), "rows": rows}

@@ -126,7 +126,7 @@ def run(work: Path, seed: int, variants: list[str]) -> list[dict]:
 
 def combine(paths: list[str]) -> dict:
     """One results payload from several, each row with its run's environment; same recipe and seed only."""
-    parts, rows = gather_rows(paths, same=("recipe", "seed"))
+    parts, rows = gather_rows(paths, same=("recipe", "seed"), run=lambda row: row["variant"])
     return {"recipe": parts[0]["recipe"], "seed": parts[0]["seed"], "rows": rows}
 
 

@@ -93,6 +93,26 @@ def test_note_following_combine_checks_the_seed(tmp_path) -> None:
     assert combine([seed0])["rows"][0]["environment"] == {"git_commit": "aaa"}
     with pytest.raises(ValueError, match=r"b\.json: not the same seed as"):
         combine([seed0, seed1])
+    with pytest.raises(ValueError, match=r"more than one file: \['reclmis'\]"):
+        combine([seed0, seed0])
+
+
+def test_monuseg_diagnosis_combine_keeps_each_rows_environment(tmp_path) -> None:
+    from benchmarks.monuseg_diagnosis import combine
+
+    first = _run_file(tmp_path / "a.json", "aaa", [{"run": "reclmis-seed0"}, {"run": "no_text-seed0"}])
+    second = _run_file(tmp_path / "b.json", "bbb", [{"run": "reclmis-seed1"}])
+    rows = combine([first, second])["rows"]
+    assert [(row["run"], row["environment"]["git_commit"]) for row in rows] == [
+        ("reclmis-seed0", "aaa"),
+        ("no_text-seed0", "aaa"),
+        ("reclmis-seed1", "bbb"),
+    ]
+    gathered = tmp_path / "all.json"
+    gathered.write_text(json.dumps({"rows": rows}))
+    assert combine([str(gathered)])["rows"] == rows  # a gathered file gathers again
+    with pytest.raises(ValueError, match=r"more than one file: \['no_text-seed0', 'reclmis-seed0'\]"):
+        combine([first, first])
 
 
 @pytest.mark.parametrize("norm", [False, True])
