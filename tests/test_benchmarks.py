@@ -84,7 +84,7 @@ def test_combine_refuses_a_run_twice_and_another_recipe(tmp_path) -> None:
         combine([first, other])
 
 
-def test_note_following_combine_checks_the_seed(tmp_path) -> None:
+def test_note_following_combine_checks_the_seed_and_refuses_a_variant_twice(tmp_path) -> None:
     from benchmarks.note_following import combine
 
     row = {"variant": "reclmis", "test": {"dice": 0.8}}
