@@ -1,5 +1,5 @@
-"""Build script: the Python package, the Triton kernels (``kernels/`` installed as ``reclmis.kernels``)
-and the ``reclmis._C`` extension from ``csrc/`` (the weighted-masking op).
+"""Build script: the Python package (its Triton kernels in ``reclmis/kernels``) and the ``reclmis._C``
+extension from ``csrc/`` (the weighted-masking op).
 
 ``reclmis._C`` is always built with the CPU kernel. The CUDA kernel joins it, for sm_86 (RTX 3090) and
 sm_90 (H100/H200) or the architectures in TORCH_CUDA_ARCH_LIST, when torch is a CUDA build and a usable
@@ -146,8 +146,7 @@ def _extensions() -> tuple[list, dict]:
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=[*find_packages(include=["reclmis", "reclmis.*"]), "reclmis.kernels"],
-    package_dir={"reclmis.kernels": "kernels"},
+    packages=find_packages(include=["reclmis", "reclmis.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,5 +1,5 @@
-"""Shared benchmark plumbing: timing, peak memory, environment record, results files, and the auxiliary
-loss weights that the training benchmarks (note_following, monuseg_cpu, text_gradients) vary.
+"""Shared benchmark plumbing: timing, peak memory, the environment record and results files (also used by
+the accuracy studies in experiments/ and the kernel report in tools/kernel_report/).
 
 Every op suite exposes ``run(device: str, quick: bool) -> list[dict]`` (rows as produced by
 ``measure``) for ``benchmarks/run_all.py``, a pytest-benchmark suite, and a script mode writing JSON.
@@ -15,13 +15,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from reclmis.config import LossWeights
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -88,45 +86,16 @@ def measure(
     return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_mem_mib": peak}
 
 
-def auxiliary_weights(divisor: int = 1) -> dict[str, float]:
-    """The three auxiliary weights of Eq. 11 (L_V2T, L_T2V, L_CCL) at 1/divisor of the official ones, as a
-    recipe's ``loss_weights`` override. Divided, not multiplied, so that a hundredth of 0.2 is the float 0.002
-    that a recipe spells."""
-    official = LossWeights()
-    return {"v2t": official.v2t / divisor, "t2v": official.t2v / divisor, "ccl": official.ccl / divisor}
-
-
-def write_results(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:
-    """Write ``payload`` as JSON to ``out`` (default benchmarks/results/<name>.json), atomically."""
-    path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"
+def write_results(
+    name: str, payload: dict[str, Any], out: str | Path | None = None, results_dir: Path = RESULTS_DIR
+) -> Path:
+    """Write ``payload`` as JSON to ``out`` (default ``results_dir``/<name>.json), atomically."""
+    path = Path(out) if out is not None else results_dir / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
-
-
-def gather_rows(
-    paths: Sequence[str | Path], same: Sequence[str], run: Callable[[dict], Hashable]
-) -> tuple[list[dict[str, Any]], list[dict]]:
-    """The rows of several results files (runs made side by side), each row with the environment of the
-    run that made it. The files must agree on the top-level keys in ``same`` (recipe, seed), and a run
-    (``run(row)``, e.g. its variant and seed) may be in one file only. Returns the payloads and the rows."""
-    parts = [json.loads(Path(path).read_text()) for path in paths]
-    for part, path in zip(parts, paths, strict=True):
-        differ = [key for key in same if part.get(key) != parts[0].get(key)]
-        if differ:
-            raise ValueError(f"{path}: not the same {' and '.join(differ)} as {paths[0]}")
-    rows = [
-        row | {"environment": row.get("environment", part.get("environment"))}
-        for part in parts
-        for row in part["rows"]
-    ]
-    runs = [run(row) for row in rows]
-    repeated = sorted({r for r in runs if runs.count(r) > 1})
-    if repeated:
-        raise ValueError(f"runs found in more than one file: {repeated}")
-    return parts, rows
 
 
 def script_parser(

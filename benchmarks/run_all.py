@@ -24,7 +24,6 @@ from benchmarks import (
     bench_max_similarity,
     bench_model,
     bench_weighted_mask,
-    kernel_report,
 )
 from benchmarks.common import environment, write_results
 
@@ -33,7 +32,6 @@ SUITES = {
     "max_similarity": bench_max_similarity,
     "weighted_mask": bench_weighted_mask,
     "model": bench_model,
-    "kernel_report": kernel_report,  # counted on CPU, compile facts and PREDICTED times (no GPU timing)
 }
 COLUMNS = ("op", "impl", "pass", "dtype", "shape", "median_ms", "speedup", "peak_mem_mib", "note")
 

@@ -17,14 +17,14 @@ here and this project's switches:
 Models with a text branch are also scored with shuffled and with constant notes (``reclmis evaluate
 --notes``), which says how much of the score comes from reading the note.
 
-    python benchmarks/monuseg_cpu.py --data ../shared/data/monuseg --out benchmarks/results/monuseg_cpu.json
+    python experiments/monuseg_cpu.py --data ../shared/data/monuseg --out experiments/results/monuseg_cpu.json
 
 Runs made side by side (one variant and seed per process, one thread each) are gathered into one file, each
 row keeping the environment (commit, command, threads) of the run that made it:
 
-    OMP_NUM_THREADS=1 python benchmarks/monuseg_cpu.py --data ../shared/data/monuseg --runs RUNS \
+    OMP_NUM_THREADS=1 python experiments/monuseg_cpu.py --data ../shared/data/monuseg --runs RUNS \
         --variants reclmis --seeds 1 --out /tmp/reclmis_s1.json
-    python benchmarks/monuseg_cpu.py --combine /tmp/*_s*.json --out benchmarks/results/monuseg_cpu.json
+    python experiments/monuseg_cpu.py --combine /tmp/*_s*.json --out experiments/results/monuseg_cpu.json
 
 Each run's training time is the sum of its epoch times in metrics.csv; the recipe is sized to stay under
 40 minutes per run on 2 cores. With --runs, an interrupted run is continued from its last.pt (exact resume)
@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import auxiliary_weights, environment, gather_rows, write_results
+from experiments.common import auxiliary_weights, environment, gather_rows, write_study
 from reclmis.config import load_recipe
 from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
@@ -75,7 +75,7 @@ def main() -> None:
     )
     parser.add_argument("--data", help="MoNuSeg in the LViT layout (required unless --combine)")
     parser.add_argument(
-        "--out", default=None, help="results JSON (default benchmarks/results/monuseg_cpu.json)"
+        "--out", default=None, help="results JSON (default experiments/results/monuseg_cpu.json)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="results files to gather into --out")
     args = parser.parse_args()
     if args.combine:
-        print(write_results("monuseg_cpu", combine(args.combine), args.out))
+        print(write_study("monuseg_cpu", combine(args.combine), args.out))
         return
     if args.data is None:
         parser.error("--data is required (unless --combine)")
@@ -125,7 +125,7 @@ def main() -> None:
                       f"{100 * row['test_last']['dice']:.2f}{probes}; {minutes:.1f} min, best epoch "
                       f"{state['epoch'] + 1})", flush=True)  # fmt: skip
     env = environment("cpu") | {"torch_threads": torch.get_num_threads()}
-    print(write_results("monuseg_cpu", {"environment": env} | _tables(RECIPE.name, rows), args.out))
+    print(write_study("monuseg_cpu", {"environment": env} | _tables(RECIPE.name, rows), args.out))
 
 
 def combine(paths: list[str]) -> dict:

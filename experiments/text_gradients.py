@@ -5,10 +5,10 @@ summed auxiliary gradient (L_V2T, L_T2V, L_CCL) and of the segmentation gradient
 official weights and under the auxiliary losses at a tenth and at a hundredth. Averaged over the first
 batches of the split.
 
-    python benchmarks/text_gradients.py --recipe configs/synthetic_tiny.yaml --seeds 0 1 2 3 \\
-        --out benchmarks/results/text_gradients_demo_cpu.json      # the demo's generated data, per seed
-    python benchmarks/text_gradients.py --recipe configs/monuseg_cpu.yaml --data ../shared/data/monuseg \\
-        --seeds 0 1 2 --out benchmarks/results/text_gradients_monuseg_cpu.json
+    python experiments/text_gradients.py --recipe configs/synthetic_tiny.yaml --seeds 0 1 2 3 \\
+        --out experiments/results/text_gradients_demo_cpu.json      # the demo's generated data, per seed
+    python experiments/text_gradients.py --recipe configs/monuseg_cpu.yaml --data ../shared/data/monuseg \\
+        --seeds 0 1 2 --out experiments/results/text_gradients_monuseg_cpu.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import auxiliary_weights, environment, write_results
+from experiments.common import auxiliary_weights, environment, write_study
 from reclmis.config import LossWeights, load_recipe
 from reclmis.data import LViTDataset, make_synthetic
 from reclmis.model import RecLMIS
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="LViT layout (default: the demo's generated data)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--out", default=None, help="default benchmarks/results/text_gradients_cpu.json")
+    parser.add_argument("--out", default=None, help="default experiments/results/text_gradients_cpu.json")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,7 +103,7 @@ def main() -> None:
                   f"{weighted['auxiliary_tenth']['auxiliary_over_segmentation']:.1f}x (a tenth), "
                   f"{weighted['auxiliary_hundredth']['auxiliary_over_segmentation']:.2f}x (a hundredth)")  # fmt: skip
     payload = {"environment": environment("cpu"), "recipe": Path(args.recipe).name, "rows": rows}
-    print(write_results("text_gradients_cpu", payload, args.out))
+    print(write_study("text_gradients_cpu", payload, args.out))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Where do the MoNuSeg text branch's points go? For runs of benchmarks/monuseg_cpu.py (folders under its
+"""Where do the MoNuSeg text branch's points go? For runs of experiments/monuseg_cpu.py (folders under its
 --runs): each run's training Dice (metrics.csv, mean of the last 10 epochs: augmented images, dropout on)
 and, for models with a text branch, the scales at Conditioned Interaction at best.pt on the 24 training
 images (eval mode, no augmentation): the RMS of stage4, of E (the projected note, valid tokens), of V (CI's
@@ -8,13 +8,13 @@ of an image (RMS after subtracting each image's mean token). A text-off model ha
 than the full one when the text branch costs fitting power; an added term far larger than V says the
 residual V' = V + MHA(V, E') is ruled by the attention.
 
-    python benchmarks/monuseg_diagnosis.py --data ../shared/data/monuseg --runs /tmp/monuseg_runs \\
-        reclmis-seed0 no_text-seed0 --out benchmarks/results/monuseg_diagnosis_cpu.json
+    python experiments/monuseg_diagnosis.py --data ../shared/data/monuseg --runs /tmp/monuseg_runs \\
+        reclmis-seed0 no_text-seed0 --out experiments/results/monuseg_diagnosis_cpu.json
 
 Diagnoses made at different times (run folders that are gone keep their rows) are gathered, each row with
 its own environment, by
 
-    python benchmarks/monuseg_diagnosis.py --combine benchmarks/results/monuseg_diagnosis_cpu.json new.json
+    python experiments/monuseg_diagnosis.py --combine experiments/results/monuseg_diagnosis_cpu.json new.json
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, gather_rows, write_results
+from experiments.common import environment, gather_rows, write_study
 from reclmis.data import LViTDataset
 from reclmis.model import RecLMIS
 from reclmis.train import model_from_checkpoint
@@ -96,20 +96,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", help="MoNuSeg in the LViT layout (required unless --combine)")
-    parser.add_argument("--runs", help="the --runs folder of benchmarks/monuseg_cpu.py (unless --combine)")
+    parser.add_argument("--runs", help="the --runs folder of experiments/monuseg_cpu.py (unless --combine)")
     parser.add_argument("names", nargs="*", help="run folders under --runs (VARIANT-seedS)")
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="diagnosis files to gather into --out")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/monuseg_diagnosis_cpu.json")
+    parser.add_argument("--out", default=None, help="default experiments/results/monuseg_diagnosis_cpu.json")
     args = parser.parse_args()
     if args.combine:
-        print(write_results("monuseg_diagnosis_cpu", combine(args.combine), args.out))
+        print(write_study("monuseg_diagnosis_cpu", combine(args.combine), args.out))
         return
     if not (args.data and args.runs and args.names):
         parser.error("--data, --runs and at least one run folder are required (unless --combine)")
     torch.set_num_threads(1)
     rows = [diagnose(Path(args.runs) / name, args.data) for name in args.names]
     payload = {"environment": environment("cpu"), "rows": rows}
-    print(write_results("monuseg_diagnosis_cpu", payload, args.out))
+    print(write_study("monuseg_diagnosis_cpu", payload, args.out))
 
 
 if __name__ == "__main__":

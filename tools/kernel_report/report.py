@@ -1,5 +1,5 @@
 """Kernel report: what each fused op really does, without a GPU (DESIGN 5; the instruments are in
-``benchmarks/kernel_counting.py``).
+``tools/kernel_report/counting.py``).
 
 1. Work counted in Triton's interpreter. Each public op runs with ``backend="triton"`` on CPU tensors under
    TRITON_INTERPRET=1, forward and backward, with every launch, ``tl.dot``, global load and store counted.
@@ -21,10 +21,10 @@ B = 4). A failed check falls back to counting at the full batch, and the output 
 Inputs: every sample has the same number of valid tokens (12 of 18), so work that depends on the padding
 scales exactly too.
 
-    python benchmarks/kernel_report.py                          # -> benchmarks/results/kernel_report.json, .md
-    python benchmarks/kernel_report.py --out /tmp/after.json --compare benchmarks/results/kernel_report.json
-    python benchmarks/kernel_report.py --quick --out /tmp/kernel_report.json     # two cases, C=64 (smoke test)
-    python benchmarks/kernel_report.py --ops max_similarity --no-compile --out /tmp/ms.json
+    python -m tools.kernel_report                          # -> tools/kernel_report/results/kernel_report.json, .md
+    python -m tools.kernel_report --out /tmp/after.json --compare tools/kernel_report/results/kernel_report.json
+    python -m tools.kernel_report --quick --out /tmp/kernel_report.json     # two cases, C=64 (smoke test)
+    python -m tools.kernel_report --ops max_similarity --no-compile --out /tmp/ms.json
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ from pathlib import Path
 
 if __name__ == "__main__":  # counting needs the interpreter, chosen when triton is first imported
     os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import json
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,8 +45,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, environment, script_parser, write_results
-from benchmarks.kernel_counting import (
+from benchmarks.common import environment, script_parser, write_results
+from tools.kernel_report.counting import (
     compile_launches,
     count_work,
     extrapolate,
@@ -56,6 +54,7 @@ from benchmarks.kernel_counting import (
 )
 
 NAME = "kernel_report"
+RESULTS_DIR = Path(__file__).parent / "results"
 OPS = ("conditioned_attention", "max_similarity")
 # Dense peaks, TFLOP/s per operand class of a dot (fp16/bf16 with fp32 accumulation, as Triton's dots
 # accumulate). RTX 3090: 82 SMs x 4 tensor cores x 128 fp16 FMA/clock x 2 x 1.695 GHz = 142 with fp16
@@ -748,66 +747,15 @@ def build(
 
 
 def write(payload: dict[str, Any], out: str | Path | None) -> Path:
-    path = write_results(NAME, payload, out)
+    path = write_results(NAME, payload, out, results_dir=RESULTS_DIR)
     path.with_suffix(".md").write_text(markdown(payload))
     return path
-
-
-def run(device: str, quick: bool) -> list[dict]:
-    """The suite of ``benchmarks/run_all.py``: the report in a child process (counting needs the interpreter,
-    whatever the parent imported), as rows of the run_all table. Its figures do not depend on the device, so
-    a GPU session spends no device time on it; ``--quick`` leaves out the compile facts (a smoke test)."""
-    if device == "cuda":
-        return [
-            {
-                "op": NAME,
-                "impl": "triton (counted)",
-                "pass": "",
-                "median_ms": None,
-                "peak_mem_mib": None,
-                "error": "device-independent, not rerun on cuda: python benchmarks/kernel_report.py "
-                "(benchmarks/results/kernel_report.json)",
-            }
-        ]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / f"{NAME}.json"
-        command = [
-            sys.executable,
-            __file__,
-            "--out",
-            str(out),
-            *(["--quick", "--no-compile"] if quick else []),
-        ]
-        subprocess.run(
-            command, check=True, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL
-        )
-        payload = json.loads(out.read_text())
-    rows = []
-    for r in payload["rows"]:
-        p3, ph = r["predicted"]["rtx3090"], r["predicted"]["h200"]
-        rows.append(
-            {
-                "op": r["op"],
-                "impl": "triton (counted)",
-                "pass": r["direction"],
-                "dtype": r["dtype"],
-                "shape": r["shape"],
-                **({"mode": r["mode"]} if r["mode"] else {}),
-                "median_ms": None,
-                "peak_mem_mib": None,
-                "note": f"PREDICTED us 3090 {_us(p3['kernel']['us'])} (ref {_us(p3['reference']['us'])}), "
-                f"H200 {_us(ph['kernel']['us'])} (ref {_us(ph['reference']['us'])}); {r['launches']} launches, "
-                f"flops x{r['dot_flops_per_useful']:.2f} useful, loads x{r['load_per_min']:.2f} min",
-                "kernel_report": r,
-            }
-        )
-    return rows
 
 
 def main() -> None:
     parser = script_parser(
         __doc__, NAME, "one attention case and max-similarity at C=64 (a smoke test)",
-        devices=("cpu",), default_out=f"benchmarks/results/{NAME}.json",
+        devices=("cpu",), default_out=f"tools/kernel_report/results/{NAME}.json",
     )  # fmt: skip
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")

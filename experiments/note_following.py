@@ -32,14 +32,14 @@ that reads its note loses Dice there. Rows keep the validation Dice of every epo
 auxiliary weights a model learned to read its note in a sudden jump (from the image-only plateau near 60 to
 about 80 within a few epochs), late or not at all within the budget.
 
-    python benchmarks/note_following.py --out benchmarks/results/note_following_cpu.json
-    python benchmarks/note_following.py --threads 1 --variants gate --out /tmp/gate.json   # one variant alone
-    python benchmarks/note_following.py --combine /tmp/*.json --out benchmarks/results/note_following_cpu.json
+    python experiments/note_following.py --out experiments/results/note_following_cpu.json
+    python experiments/note_following.py --threads 1 --variants gate --out /tmp/gate.json   # one variant alone
+    python experiments/note_following.py --combine /tmp/*.json --out experiments/results/note_following_cpu.json
 
 ``--combine`` gathers the rows of several results files (runs made side by side, one thread each) into one,
 each row keeping the environment (commit, command, threads) of the run that made it.
-    python benchmarks/note_following.py --variants linear_dice_seg no_memory \
-        --out benchmarks/results/note_following_ablations_cpu.json
+    python experiments/note_following.py --variants linear_dice_seg no_memory \
+        --out experiments/results/note_following_ablations_cpu.json
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import auxiliary_weights, environment, gather_rows, write_results
+from experiments.common import auxiliary_weights, environment, gather_rows, write_study
 from reclmis.config import load_recipe
 from reclmis.data import make_synthetic
 from reclmis.data.note_probe import NOTE_PROBES
@@ -135,7 +135,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--out", default=None, help="results JSON (default benchmarks/results/note_following_cpu.json)"
+        "--out", default=None, help="results JSON (default experiments/results/note_following_cpu.json)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="results files to gather into --out")
     args = parser.parse_args()
     if args.combine:
-        print(write_results("note_following_cpu", combine(args.combine), args.out))
+        print(write_study("note_following_cpu", combine(args.combine), args.out))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +156,7 @@ def main() -> None:
         rows = run(Path(work), args.seed, args.variants)
     payload = {"environment": environment("cpu"), "recipe": str(RECIPE.name), "seed": args.seed, "rows": rows}
     payload["environment"]["torch_threads"] = torch.get_num_threads()
-    print(write_results("note_following_cpu", payload, args.out))
+    print(write_study("note_following_cpu", payload, args.out))
 
 
 if __name__ == "__main__":

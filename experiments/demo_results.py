@@ -3,7 +3,7 @@ DEMO/run/metrics.csv) into one results file with the environment of the interpre
 with the demo's own environment, from the clone that ran `make demo`:
 
     git clone <main> demo-clone && cd demo-clone && make demo
-    .venv/bin/python benchmarks/demo_results.py demo --out benchmarks/results/make_demo_cpu.json
+    .venv/bin/python experiments/demo_results.py demo --out experiments/results/make_demo_cpu.json
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results
+from experiments.common import environment, write_study
 
 
 def demo_results(demo: Path) -> dict:
@@ -43,7 +43,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("demo", help="the folder `make demo` wrote (its DEMO, default demo)")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/make_demo_cpu.json")
+    parser.add_argument("--out", default=None, help="default experiments/results/make_demo_cpu.json")
     parser.add_argument("--note", default=None, help="a remark kept with the environment (e.g. the load)")
     args = parser.parse_args()
     env = environment("cpu")
@@ -51,7 +51,7 @@ def main() -> None:
     if args.note:
         env["note"] = args.note
     payload = {"environment": env, "recipe": "configs/synthetic_tiny.yaml", **demo_results(Path(args.demo))}
-    path = write_results("make_demo_cpu", payload, args.out)
+    path = write_study("make_demo_cpu", payload, args.out)
     print(f"{path}: test Dice {payload['test']['dice']:.4f}, shuffled notes "
           f"{payload['test_shuffled_notes']['dice']:.4f}, counterfactual {payload['counterfactual']['dice']:.4f}")  # fmt: skip
 

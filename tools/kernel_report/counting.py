@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMEM_LIMIT_BYTES = {86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
 TENSOR_CORE_CLASSES = ("fp16", "bf16", "tf32", "tf32x3", "int8", "fp8")  # dot classes NVIDIA runs on mma
 
@@ -488,7 +488,7 @@ def compile_launches(
         src.write_text(json.dumps({"specs": specs, "targets": list(targets)}))
         env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.kernel_counting", str(src), str(dst), "--jobs", str(jobs)],
+            [sys.executable, "-m", "tools.kernel_report.counting", str(src), str(dst), "--jobs", str(jobs)],
             env=env,
             cwd=ROOT,
             capture_output=True,

@@ -1,4 +1,4 @@
-"""The kernel report's instruments (benchmarks/kernel_counting.py) and the compile facts of the fused ops.
+"""The kernel report's instruments (tools/kernel_report/counting.py) and the compile facts of the fused ops.
 
 The counters are checked against hand-computed values on small handwritten kernels. The compile facts are
 checked on every launch the public ops make at the paper shapes, whatever kernels they are: each compiles for
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.kernel_counting import (
+from tools.kernel_report.counting import (
     SMEM_LIMIT_BYTES,
     compile_launches,
     count_work,
@@ -22,7 +22,7 @@ from benchmarks.kernel_counting import (
     nvidia_backend_missing,
     uses_tensor_cores,
 )
-from benchmarks.kernel_report import Case, capture_launches
+from tools.kernel_report.report import Case, capture_launches
 
 pytestmark = pytest.mark.skipif(
     not interpreting(),

@@ -3,7 +3,7 @@ model's input nearest (this project's default) and bilinear then > 0 (the offici
 Reports the foreground pixels of each, the growth, and the mean per-image Dice of the nearest masks
 scored against the bilinear ones (what a perfect nearest-trained model loses under the official masks).
 
-    python benchmarks/mask_resize.py --data ../shared/data/monuseg --out benchmarks/results/mask_resize_monuseg.json
+    python experiments/mask_resize.py --data ../shared/data/monuseg --out experiments/results/mask_resize_monuseg.json
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results
+from experiments.common import environment, write_study
 from reclmis.data import LViTDataset
 from reclmis.metrics import dice_iou
 
@@ -44,7 +44,7 @@ def main() -> None:
     )
     parser.add_argument("--data", required=True, help="dataset root in the LViT layout")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--out", help="results JSON (default benchmarks/results/mask_resize_<data>.json)")
+    parser.add_argument("--out", help="results JSON (default experiments/results/mask_resize_<data>.json)")
     args = parser.parse_args()
     root = Path(args.data)
     rows = [measure_split(root, split, args.image_size) for split in ("train", "val", "test")]
@@ -57,7 +57,7 @@ def main() -> None:
         "image_size": args.image_size,
         "rows": rows,
     }
-    print(write_results(f"mask_resize_{root.name}", payload, args.out))
+    print(write_study(f"mask_resize_{root.name}", payload, args.out))
 
 
 if __name__ == "__main__":
