@@ -3,7 +3,7 @@ Interaction, trained with conditioned reconstruction (CVR, CLR) and the conditio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 from reclmis.config import RecLMISConfig
 from reclmis.losses import (
+    GlobalBatch,
     bce_loss,
     conditioned_contrastive_loss,
     contrastive_scale,
@@ -50,8 +51,8 @@ class RecLMIS(nn.Module):
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
-        # set by the trainer under torchrun: gathers CCL features over ranks (global-batch contrastive loss)
-        self.feature_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # set by the trainer under torchrun: L_CCL over the global batch of all ranks
+        self.global_batch: GlobalBatch | None = None
         c, width = config.base_channels, config.visual_width
         self.encoder = UNetEncoder(config.in_channels, c)
         self.decoder = UNetDecoder(c)
@@ -185,7 +186,7 @@ class RecLMIS(nn.Module):
                 scale,
                 note_ids=input_ids if cfg.ccl_exclude_same_notes else None,
                 backend=cfg.ops_backend,
-                gather=self.feature_gather,
+                global_batch=self.global_batch,
             )
         return losses
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import LViTDataset, TrainAugmentation
+from reclmis.losses import GlobalBatch
 from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
 from reclmis.model import NoteTokenizer, RecLMIS
 from reclmis.train.checkpoint import (
@@ -175,7 +176,8 @@ class Trainer:
         global_ccl = train_config.global_contrastive
         if global_ccl is None:
             global_ccl = self.dist.enabled
-        self.model.feature_gather = all_gather_with_grad if global_ccl and self.dist.enabled else None
+        if global_ccl and self.dist.enabled:
+            self.model.global_batch = GlobalBatch(all_gather_with_grad, self.dist.rank)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, train_config, fused=self.device.type == "cuda")
