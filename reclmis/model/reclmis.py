@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclmis.config import RecLMISConfig
+from reclmis.config import AUXILIARY_TERMS, SEGMENTATION_TERMS, RecLMISConfig
 from reclmis.losses import (
     GlobalBatch,
     bce_loss,
@@ -56,6 +56,9 @@ class RecLMIS(nn.Module):
         c, width = config.base_channels, config.visual_width
         self.encoder = UNetEncoder(config.in_channels, c)
         self.decoder = UNetDecoder(c)
+        self.cvr: ConditionedReconstructor | None = None
+        self.clr: ConditionedReconstructor | None = None
+        self.logit_scale: nn.Parameter | None = None
         if not config.use_text:
             return
         if tokenizer is None:
@@ -103,6 +106,13 @@ class RecLMIS(nn.Module):
                 "training notes are required to build the tokenizer of a text encoder trained from scratch"
             )
         return cls(config, NoteTokenizer.train(notes, config.max_text_len, config.vocab_size))
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        """The terms of Eq. 11 that this configuration computes in training (the keys of
+        ``RecLMISOutput.losses`` besides "total")."""
+        auxiliary = {"t2v": self.cvr, "v2t": self.clr, "ccl": self.logit_scale}
+        return (*SEGMENTATION_TERMS, *(name for name in AUXILIARY_TERMS if auxiliary[name] is not None))
 
     def training_only_parameters(self) -> list[nn.Parameter]:
         """Parameters that never run at inference: the reconstructors and the contrastive logit scale."""
