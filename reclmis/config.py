@@ -249,7 +249,12 @@ class TrainConfig:
     device: str = "auto"
     sync_batchnorm: bool = False
     global_contrastive: bool | None = None  # None: on when the world size is above 1
+    # cache_images: every split decoded once into uint8 tensors, batches gathered by index and augmented
+    # as a batch on the training device (reclmis.data.cached); off: a DataLoader of per-sample transforms.
+    # cache_device: where the cached training and validation splits live, "cpu" (host memory; batches
+    # gathered into pinned memory for a GPU) or "cuda" (the training GPU)
     cache_images: bool = True
+    cache_device: str = "cpu"
     # torch.compile the model (off until measured: README, Performance). compile_mode "auto" is
     # "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on CUDA and
     # the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick check)
@@ -280,6 +285,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.cache_device not in ("cpu", "cuda"):
+            raise ValueError(f"cache_device must be cpu or cuda, got {self.cache_device!r}")
         if self.mask_resize not in MASK_RESIZE_MODES:
             raise ValueError(f"mask_resize must be nearest or bilinear, got {self.mask_resize!r}")
         if not 0 <= self.min_lr <= self.lr:

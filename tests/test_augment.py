@@ -410,5 +410,10 @@ def test_batched_augmentation_on_cuda_equals_cpu(synthetic) -> None:
             augmentation=augmentation, device="cuda",
         )  # fmt: skip
         torch.manual_seed(0)
-        batches = list(loader)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # a batch never waits for the device
+        try:
+            batches = list(loader)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         assert all(b["images"].is_cuda and b["masks"].is_cuda for b in batches)

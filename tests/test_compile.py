@@ -71,6 +71,34 @@ def test_training_step_is_one_graph_and_matches_eager() -> None:
         torch.testing.assert_close(grads[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_augmented_cached_batches_feed_the_one_graph_step(tmp_path) -> None:
+    """The batched augmentation runs before the compiled step, on the batch's device: the step that takes
+    its batches (notes rewritten, tokens looked up) is still one graph, equal to eager."""
+    from reclmis.data import LViTDataset, TrainAugmentation
+    from reclmis.data.cached import CachedLoader, CachedSplit
+    from reclmis.data.note_table import NoteTable
+
+    model, counter = _tiny_model(), CompileCounterWithBackend("aot_eager")
+    data = make_synthetic(tmp_path / "data", size=32, n_train=6, n_val=1, n_test=1, seed=2)
+    dataset = LViTDataset(data, "train", image_size=32)
+    augmentation = TrainAugmentation(note_frame="radiological")
+    loader = CachedLoader(
+        CachedSplit(*dataset.stacked(), dataset.names),
+        NoteTable(dataset.texts, model.tokenizer, "radiological"),
+        list(range(6)),
+        3,
+        augmentation=augmentation,
+    )
+    torch.manual_seed(0)
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for batch in loader:
+        inputs = (batch["images"], batch["input_ids"], batch["attention_mask"], batch["masks"])
+        eager_losses, _ = _step(model, model, inputs)
+        losses, _ = _step(model, compiled, inputs)
+        torch.testing.assert_close(losses["total"], eager_losses["total"], rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
 def test_cli_train_compile_end_to_end_with_resume(tmp_path, capsys) -> None:
     data = make_synthetic(tmp_path / "data", size=32, n_train=8, n_val=4, n_test=2, seed=3)
     run = tmp_path / "run"

@@ -257,6 +257,20 @@ def test_cache_and_preload_give_the_same_items(tmp_path):
         plain.preload()
 
 
+def test_stacked_holds_every_untransformed_item_once(tmp_path):
+    make_split(tmp_path, n=4)
+    dataset = LViTDataset(tmp_path, "train", image_size=16, augment=True)
+    images, masks = dataset.stacked()
+    assert images.shape == (4, 3, 16, 16) and masks.shape == (4, 1, 16, 16)
+    assert images.dtype == masks.dtype == torch.uint8 and set(masks.unique().tolist()) <= {0, 1}
+    plain = LViTDataset(tmp_path, "train", image_size=16, cache=False)
+    for index in range(4):
+        assert torch.equal(images[index].float() / 255, plain[index]["image"])
+        assert torch.equal(masks[index].float(), plain[index]["mask"])
+        assert dataset._cache[index][0].data_ptr() == images[index].data_ptr()  # views, not copies
+    assert torch.equal(plain.stacked()[0], images)
+
+
 # ---------------------------------------------------------------- broken inputs
 
 

@@ -237,3 +237,26 @@ def test_a_training_loader_without_a_batch_is_a_clear_error(synthetic, tmp_path)
     with pytest.raises(ValueError, match=r"yielded no batch \(24 images in the train split, batch size 8"):
         trainer.fit()
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_cached_splits_use_the_batched_path_and_uncached_ones_the_dataloader(synthetic, tmp_path) -> None:
+    from reclmis.data.cached import CachedLoader
+
+    model_config, train_config = tiny_configs(epochs=1)
+    cached = Trainer(model_config, train_config, synthetic, tmp_path / "cached", progress=False)
+    assert isinstance(cached.train_loader, CachedLoader) and isinstance(cached.val_loader, CachedLoader)
+    assert cached.train_loader.augmentation is cached.augmentation and cached.val_loader.augmentation is None
+    assert cached.train_loader.notes.frame == "radiological" and len(cached.train_loader) == 3
+    plain_config = TrainConfig(**(train_config.to_dict() | {"cache_images": False}))
+    plain = Trainer(model_config, plain_config, synthetic, tmp_path / "plain", progress=False)
+    assert isinstance(plain.train_loader, torch.utils.data.DataLoader)
+    assert plain.train_loader.dataset.transform is plain.augmentation
+    for trainer in (cached, plain):
+        (result,) = trainer.fit()
+        assert 0 <= result.val["dice"] <= 1 and result.train["total"] > 0
+    with pytest.raises(ValueError, match="cache_device must be"):
+        TrainConfig(cache_device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cache_device=cuda needs training on a CUDA device"):
+            Trainer(model_config, TrainConfig(**(train_config.to_dict() | {"cache_device": "cuda"})), synthetic,
+                    tmp_path / "gpu", progress=False)  # fmt: skip

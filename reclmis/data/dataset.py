@@ -181,6 +181,19 @@ class LViTDataset(Dataset):
         for index in range(len(self)):
             self._load(index)
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item decoded once, untransformed, as uint8 tensors: images (N, 3, S, S) and masks
+        (N, 1, S, S) in {0, 1}. With ``cache`` the per-item cache then holds views of them (no second copy)."""
+        size = self.image_size
+        images = torch.empty(len(self), 3, size, size, dtype=torch.uint8)
+        masks = torch.empty(len(self), 1, size, size, dtype=torch.uint8)
+        for index in range(len(self)):
+            image, mask = self._load(index)
+            images[index], masks[index] = image, mask
+            if self.cache:
+                self._cache[index] = (images[index], masks[index])
+        return images, masks
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         sample = self.samples[index]
         image_u8, mask_u8 = self._load(index)

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from reclmis.config import LOSS_TERMS, RecLMISConfig, TrainConfig
 from reclmis.data import LViTDataset, TrainAugmentation
+from reclmis.data.cached import CachedLoader, CachedSplit
+from reclmis.data.note_table import NoteTable
 from reclmis.losses import GlobalBatch
 from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
 from reclmis.model import NoteTokenizer, RecLMIS
@@ -87,8 +89,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseed torch's generators from (seed, epoch, rank): every epoch's randomness (augmentation,
-    dropout, weighted masking, worker seeds) is a function of these alone, so a run resumed at any epoch
-    boundary, on any world size, continues the same stream."""
+    dropout, weighted masking, worker seeds, the cached loader's augmentation seed) is a function of these
+    alone, so a run resumed at any epoch boundary, on any world size, continues the same stream."""
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1))
 
 
@@ -137,6 +139,9 @@ class Trainer:
                 geometric=train_config.augment in ("full", "official"),
                 note_frame=train_config.note_frame if train_config.augment == "full" else None,
             )
+        if train_config.cache_images and train_config.cache_device == "cuda" and self.device.type != "cuda":
+            raise ValueError(f"train.cache_device=cuda needs training on a CUDA device, not {self.device}")
+        self.augmentation = augmentation
         self.train_set = LViTDataset(
             data_root,
             "train",
@@ -207,13 +212,12 @@ class Trainer:
         self.val_loader = self._loader(self.val_set, train=False)
 
     # set-up -------------------------------------------------------------------------------------------
-    def _loader(self, dataset: LViTDataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: LViTDataset, train: bool) -> DataLoader | CachedLoader:
         """Training: a DistributedSampler (equal shards, reshuffled per epoch from the seed). Validation:
-        every process scores its own disjoint shard, so no image is counted twice."""
-        if self.cfg.num_workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize after a fork
-            if self.cfg.cache_images:
-                dataset.preload()  # decoded once, shared by the forked workers
+        every process scores its own disjoint shard, so no image is counted twice. A cached split
+        (``cache_images``) is served by a CachedLoader: uint8 tensors gathered by index, the training
+        augmentation drawn and applied per batch on the training device (before the step, outside any
+        compiled graph), tokens looked up in a NoteTable; otherwise a DataLoader of per-sample transforms."""
         if train:
             sampler = DistributedSampler(
                 dataset,
@@ -224,6 +228,22 @@ class Trainer:
             )
         else:
             sampler = list(range(self.dist.rank, len(dataset), self.dist.world_size))
+        drop_last = train and len(sampler) >= self.cfg.batch_size  # equal batches for the global CCL
+        if self.cfg.cache_images:
+            augmentation = self.augmentation if train else None
+            frame = augmentation.note_frame if augmentation is not None and augmentation.geometric else None
+            split = CachedSplit(*dataset.stacked(), dataset.names)
+            return CachedLoader(
+                split.to(self.device) if self.cfg.cache_device == "cuda" else split,
+                NoteTable(dataset.texts, self.model.tokenizer, frame).to(self.device),
+                sampler,
+                self.cfg.batch_size,
+                drop_last=drop_last,
+                augmentation=augmentation,
+                device=self.device,
+            )
+        if self.cfg.num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize after a fork
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
@@ -231,7 +251,7 @@ class Trainer:
             num_workers=self.cfg.num_workers,
             collate_fn=NoteCollator(self.model.tokenizer),
             pin_memory=self.device.type == "cuda",
-            drop_last=train and len(sampler) >= self.cfg.batch_size,  # equal batches for the global CCL
+            drop_last=drop_last,
         )
 
     def _resume_state(self) -> dict[str, Any]:
