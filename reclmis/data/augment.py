@@ -287,7 +287,7 @@ def _colour(images: torch.Tensor, saturation: torch.Tensor, hue: torch.Tensor) -
     chroma = torch.minimum(delta * _per_sample(saturation, delta), value)  # V * S'
     # clamp(min(k, 4 - k), 0, 1) with k = (n + H') mod 6 is clamp(2 - d, 0, 1), d the distance from H' to
     # 2 - n around the circle of six: 3, 5 and 1 for red, green and blue
-    centre = torch.tensor(_HSV_CENTRES, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    centre = _to(torch.tensor(_HSV_CENTRES, dtype=images.dtype), images).view(1, 3, 1, 1)
     distance = (hue6[:, None] - centre).abs_()
     distance = torch.minimum(distance, 6.0 - distance)
     weight = (2.0 - distance).clamp_min_(0.0).clamp_max_(1.0)
