@@ -59,14 +59,18 @@ class RecLMISConfig:
     image_size: int = 224
     in_channels: int = 3
     base_channels: int = 64  # c: the U-Net runs c, 2c, 4c, 8c, 8c; visual tokens have width 8c
-    # CLIP-style text tower (transformers.CLIPTextModel); ignored when text_encoder names a local directory
     max_text_len: int = 18  # L: tokens per note, padding included (18 QaTa/MosMed, 10 MoNuSeg)
+    # the text tower trained from scratch (ignored when text_encoder names a pretrained model)
     vocab_size: int = 4096  # size of the BPE tokenizer trained on the notes
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
-    text_encoder: str | None = None  # local Hugging Face directory with a CLIP text model and tokenizer
-    freeze_text_encoder: bool = True  # applies to a loaded (pretrained) text encoder only
+    # a pretrained Hugging Face text model and its tokenizer: a local directory or a hub id (CLIP text towers,
+    # the BERT family, models with their own code behind trust_remote_code); None: a CLIP-style tower sized
+    # by text_width/text_layers/text_heads, trained from scratch with a BPE tokenizer fitted on the notes
+    text_encoder: str | None = None
+    freeze_text_encoder: bool = True  # applies to a pretrained text encoder only
+    trust_remote_code: bool = False  # let a pretrained text encoder run the code it ships (CXR-BERT)
     interaction_heads: int = 4
     # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
     # official code, where the note reaches the decoder only through attention patterns (see README)
@@ -250,6 +254,9 @@ class TrainConfig:
     sync_batchnorm: bool = False
     global_contrastive: bool | None = None  # None: on when the world size is above 1
     cache_images: bool = True
+    # features of a frozen pretrained text encoder kept per distinct tokenised note (so the tower runs once
+    # per note, not once per step): at most this many notes on the model's device; 0 runs it every step
+    text_cache_size: int = 8192
     # torch.compile the model (off until measured: README, Performance). compile_mode "auto" is
     # "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on CUDA and
     # the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick check)
@@ -288,6 +295,10 @@ class TrainConfig:
             raise ValueError(f"restart_epochs must be at least 1, got {self.restart_epochs}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.text_cache_size < 0:
+            raise ValueError(
+                f"text_cache_size must be non-negative (0 disables the cache), got {self.text_cache_size}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
 
