@@ -83,7 +83,10 @@ DEMO_SWITCHES = (  # variant of experiments/note_following.py -> row label
     ("reclmis", "RecLMIS, the recipe (`augment: full`, same-note pairs no negatives)"),
     ("photometric", "photometric augmentation only (`train.augment=photometric`)"),
     ("official_aug", "the official augmentation: flips and turns leave the note (`train.augment=official`)"),
-    ("same_note_negatives", "same-note pairs as negatives, the official L_CCL (`ccl_exclude_same_notes=false`)"),
+    (
+        "same_note_negatives",
+        "same-note pairs as negatives, the official L_CCL (`ccl_exclude_same_notes=false`)",
+    ),
     ("gate", "gated text injection in CI (`interaction_gate=true`)"),
     ("official_ci", "the official CI module, no residual connections (`interaction_residual=false`)"),
     ("official_causal", "the official causal mask in the reconstructors (`recon_causal=true`)"),
@@ -173,7 +176,9 @@ SWITCH_HEADER = ("model", "test Dice", "counterfactual Dice", "test, shuffled no
 
 def demo_switches() -> str:
     rows = _switch_rows("note_following_cpu.json", DEMO_SWITCHES)
-    no_text = _switch_rows(_seed_file(0), [("no_text", "text branch off (`use_text=false`, Table III row e)")])
+    no_text = _switch_rows(
+        _seed_file(0), [("no_text", "text branch off (`use_text=false`, Table III row e)")]
+    )
     return _table(SWITCH_HEADER, rows + no_text)
 
 
@@ -197,7 +202,7 @@ def demo_runs() -> str:
         for row in payload["rows"]:
             environment = row.get("environment", payload.get("environment"))
             rows.append((
-                f"`{name}`", f"`{row['variant']}`", str(payload["seed"] if "seed" in payload else ""),
+                f"`{name}`", f"`{row['variant']}`", str(payload.get("seed", "")),
                 _dice(row, "test"), _dice(row, "counterfactual"), _dice(row, "test_shuffled_notes"),
                 _dice(row, "test_constant_notes"), str(row["best_epoch"]), f"{row['train_minutes']:.1f}",
                 str(environment.get("torch_threads", "")), _commit(environment),
@@ -241,10 +246,11 @@ def readme_demo() -> str:
          _dice(demo, "test_shuffled_notes")),
         ("the recipe, mean of seeds 0-3", _dice(mean, "test"), _dice(mean, "counterfactual"),
          _dice(mean, "test_shuffled_notes")),
-        ("CI as the official code builds it (`interaction_residual=false`), seed 0", _dice(official_ci, "test"),
-         _dice(official_ci, "counterfactual"), _dice(official_ci, "test_shuffled_notes")),
-        ("text branch off (`use_text=false`), seed 0", _dice(no_text, "test"), _dice(no_text, "counterfactual"),
-         ""),
+        ("CI as the official code builds it (`interaction_residual=false`), seed 0",
+         _dice(official_ci, "test"), _dice(official_ci, "counterfactual"),
+         _dice(official_ci, "test_shuffled_notes")),
+        ("text branch off (`use_text=false`), seed 0", _dice(no_text, "test"),
+         _dice(no_text, "counterfactual"), ""),
     ]  # fmt: skip
     return _table(("demo (64x64, 100 test images)", "test Dice", "counterfactual Dice",
                    "test, shuffled notes"), rows)  # fmt: skip
@@ -268,7 +274,8 @@ MONUSEG_VARIANTS = (  # variant of experiments/monuseg_cpu.py -> row label
     ("official_aug", "the official augmentation: flips and turns leave the note (`train.augment=official`)"),
     ("photometric", "without flips and rotations (`train.augment=photometric`)"),
 )  # fmt: skip
-MONUSEG_EARLIER = (  # (file, variant, label): the model before its current reconstructors, loss and augmentation
+# (file, variant, label): the model before its current reconstructors, loss and augmentation
+MONUSEG_EARLIER = (
     ("monuseg_cpu_945545f.json", "reclmis", "RecLMIS before the official reconstructors, loss and "
                                             "note-consistent augmentation"),
     ("monuseg_cpu_945545f.json", "no_text", "text branch off, then"),
@@ -333,8 +340,8 @@ def monuseg_runs() -> str:
                 "yes" if row.get("resumed") else "", str(environment.get("torch_threads", "")),
                 _commit(environment),
             ))  # fmt: skip
-    header = ("file", "variant", "seed", "Dice", "IoU", "Dice (last.pt)", "shuffled", "constant", "best epoch",
-              "minutes", "resumed", "threads", "commit")  # fmt: skip
+    header = ("file", "variant", "seed", "Dice", "IoU", "Dice (last.pt)", "shuffled", "constant",
+              "best epoch", "minutes", "resumed", "threads", "commit")  # fmt: skip
     return _table(header, rows)
 
 
@@ -412,7 +419,9 @@ def stale(root: Path = ROOT) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is stale")
     parser.add_argument("--print", choices=sorted(TABLES), metavar="TABLE", help="print one table")
     args = parser.parse_args(argv)

@@ -55,7 +55,9 @@ def test_readme_is_at_most_250_lines() -> None:
 
 
 def test_commit_id_pattern() -> None:
-    assert COMMIT_ID.findall("at commit 33e1efa, (8d4532a) and 602e797b8c24ed79b6e3a71f3e89fba0931435eb.") == [
+    assert COMMIT_ID.findall(
+        "at commit 33e1efa, (8d4532a) and 602e797b8c24ed79b6e3a71f3e89fba0931435eb."
+    ) == [
         "33e1efa",
         "8d4532a",
         "602e797b8c24ed79b6e3a71f3e89fba0931435eb",
@@ -106,7 +108,7 @@ def test_relative_links_resolve(page: Path) -> None:
 
 def test_torch_ops_named_in_the_docs_exist() -> None:
     pytest.importorskip("triton")
-    import reclmis.kernels.conditioned_attention  # noqa: F401  (registers the attention's torch.ops)
+    import reclmis.kernels.conditioned_attention  # registers the attention's torch.ops
     import reclmis.kernels.max_similarity  # noqa: F401
     from reclmis.ops.weighted_mask import extension_available
 
@@ -129,14 +131,20 @@ def test_usage_guide_names_every_flag_and_field() -> None:
         if f"reclmis {command}" not in usage:
             missing.append(f"reclmis {command}")
         for action in sub._actions:
-            missing += [f"{command} {flag}" for flag in action.option_strings
-                        if flag.startswith("--") and flag != "--help" and f"`{flag}" not in usage]  # fmt: skip
+            flags = [flag for flag in action.option_strings if flag.startswith("--") and flag != "--help"]
+            missing += [f"{command} {flag}" for flag in flags if f"`{flag}" not in usage]
     for config in (RecLMISConfig, TrainConfig, LossWeights):
-        missing += [f"{config.__name__}.{f.name}" for f in dataclasses.fields(config) if f"`{f.name}`" not in usage]
+        missing += [
+            f"{config.__name__}.{f.name}" for f in dataclasses.fields(config) if f"`{f.name}`" not in usage
+        ]
     assert not missing, f"docs/usage.md does not document {missing}"
 
 
 def test_readme_recipe_table_lists_every_recipe() -> None:
     text = README.read_text()
-    missing = [path.name for path in sorted((ROOT / "configs").glob("*.yaml")) if f"(configs/{path.name})" not in text]
+    missing = [
+        path.name
+        for path in sorted((ROOT / "configs").glob("*.yaml"))
+        if f"(configs/{path.name})" not in text
+    ]
     assert not missing, f"the README's recipe table lacks {missing}"

@@ -1,4 +1,4 @@
-"""The study tables of the README and docs/ are what experiments/tables.py generates from the results files."""
+"""The study tables of the README and docs/ are what experiments/tables.py makes of the results files."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def test_committed_tables_equal_the_generated_ones(page: str) -> None:
 
 
 def test_every_table_appears_on_a_page() -> None:
-    used = {match["name"] for page in tables.PAGES for match in tables.BLOCK.finditer((tables.ROOT / page).read_text())}
+    used = {
+        match["name"]
+        for page in tables.PAGES
+        for match in tables.BLOCK.finditer((tables.ROOT / page).read_text())
+    }
     assert used == set(tables.TABLES)
 
 
