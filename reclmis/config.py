@@ -19,6 +19,13 @@ AUGMENTATIONS = ("full", "official", "photometric", "none")
 NOTE_FRAMES = ("image", "radiological", "axial")
 
 
+# The loss terms of Eq. 11 as RecLMISOutput.losses, LossWeights.per_term and the training logs name them:
+# L_T2V (CVR, Eq. 8), L_V2T (CLR, Eq. 10), L_CCL (Eq. 6) and the two halves of L_seg.
+AUXILIARY_TERMS = ("t2v", "v2t", "ccl")
+SEGMENTATION_TERMS = ("dice", "bce")
+LOSS_TERMS = (*SEGMENTATION_TERMS, *AUXILIARY_TERMS)
+
+
 @dataclass
 class LossWeights:
     """Eq. 11: L = v2t * L_V2T + t2v * L_T2V + ccl * L_CCL + seg * (dice * L_Dice + bce * L_BCE).
@@ -39,9 +46,10 @@ class LossWeights:
                 raise ValueError(f"loss_weights.{name} must be non-negative, got {value}")
 
     def per_term(self) -> dict[str, float]:
-        """The weight of each loss term in Eq. 11 (the segmentation weight folded into Dice and BCE)."""
-        return {"v2t": self.v2t, "t2v": self.t2v, "ccl": self.ccl, "dice": self.seg * self.dice,
-                "bce": self.seg * self.bce}  # fmt: skip
+        """The weight of each term of ``LOSS_TERMS`` in Eq. 11 (the segmentation weight folded into Dice
+        and BCE)."""
+        weights = {name: getattr(self, name) for name in AUXILIARY_TERMS}
+        return weights | {name: self.seg * getattr(self, name) for name in SEGMENTATION_TERMS}
 
 
 @dataclass

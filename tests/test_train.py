@@ -226,3 +226,14 @@ def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synth
     )
     with pytest.raises(ValueError, match="recon_memory_layers"):
         Trainer(model_config, train_config, synthetic, tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_training_loader_without_a_batch_is_a_clear_error(synthetic, tmp_path) -> None:
+    model_config, train_config = tiny_configs(epochs=1)
+    trainer = Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False)
+    nothing = torch.utils.data.Subset(trainer.train_set, [])
+    sampler = torch.utils.data.DistributedSampler(nothing, num_replicas=1, rank=0)
+    trainer.train_loader = torch.utils.data.DataLoader(nothing, sampler=sampler, batch_size=8)
+    with pytest.raises(ValueError, match=r"yielded no batch \(24 images in the train split, batch size 8"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "last.pt").exists()

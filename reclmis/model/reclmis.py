@@ -3,15 +3,16 @@ Interaction, trained with conditioned reconstruction (CVR, CLR) and the conditio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclmis.config import RecLMISConfig
+from reclmis.config import AUXILIARY_TERMS, SEGMENTATION_TERMS, RecLMISConfig
 from reclmis.losses import (
+    GlobalBatch,
     bce_loss,
     conditioned_contrastive_loss,
     contrastive_scale,
@@ -50,11 +51,14 @@ class RecLMIS(nn.Module):
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
-        # set by the trainer under torchrun: gathers CCL features over ranks (global-batch contrastive loss)
-        self.feature_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # set by the trainer under torchrun: L_CCL over the global batch of all ranks
+        self.global_batch: GlobalBatch | None = None
         c, width = config.base_channels, config.visual_width
         self.encoder = UNetEncoder(config.in_channels, c)
         self.decoder = UNetDecoder(c)
+        self.cvr: ConditionedReconstructor | None = None
+        self.clr: ConditionedReconstructor | None = None
+        self.logit_scale: nn.Parameter | None = None
         if not config.use_text:
             return
         if tokenizer is None:
@@ -102,6 +106,13 @@ class RecLMIS(nn.Module):
                 "training notes are required to build the tokenizer of a text encoder trained from scratch"
             )
         return cls(config, NoteTokenizer.train(notes, config.max_text_len, config.vocab_size))
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        """The terms of Eq. 11 that this configuration computes in training (the keys of
+        ``RecLMISOutput.losses`` besides "total")."""
+        auxiliary = {"t2v": self.cvr, "v2t": self.clr, "ccl": self.logit_scale}
+        return (*SEGMENTATION_TERMS, *(name for name in AUXILIARY_TERMS if auxiliary[name] is not None))
 
     def training_only_parameters(self) -> list[nn.Parameter]:
         """Parameters that never run at inference: the reconstructors and the contrastive logit scale."""
@@ -185,7 +196,7 @@ class RecLMIS(nn.Module):
                 scale,
                 note_ids=input_ids if cfg.ccl_exclude_same_notes else None,
                 backend=cfg.ops_backend,
-                gather=self.feature_gather,
+                global_batch=self.global_batch,
             )
         return losses
 

@@ -25,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from reclmis.config import RecLMISConfig, TrainConfig
+from reclmis.config import LOSS_TERMS, RecLMISConfig, TrainConfig
 from reclmis.data import LViTDataset, TrainAugmentation
+from reclmis.losses import GlobalBatch
 from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
 from reclmis.model import NoteTokenizer, RecLMIS
 from reclmis.train.checkpoint import (
@@ -44,7 +45,7 @@ from reclmis.train.distributed import (
 )
 from reclmis.train.schedules import build_optimizer, build_scheduler, check_same_schedule
 
-LOSS_TERMS = ("total", "dice", "bce", "t2v", "v2t", "ccl")
+LOGGED_LOSSES = ("total", *LOSS_TERMS)  # the running means of every training epoch
 
 
 class NoteCollator:
@@ -175,7 +176,8 @@ class Trainer:
         global_ccl = train_config.global_contrastive
         if global_ccl is None:
             global_ccl = self.dist.enabled
-        self.model.feature_gather = all_gather_with_grad if global_ccl and self.dist.enabled else None
+        if global_ccl and self.dist.enabled:
+            self.model.global_batch = GlobalBatch(all_gather_with_grad, self.dist.rank)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, train_config, fused=self.device.type == "cuda")
@@ -334,7 +336,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        sums = torch.zeros(len(LOSS_TERMS) + 2, device=self.device)  # loss terms, Dice sum, images
+        sums = torch.zeros(len(LOGGED_LOSSES) + 2, device=self.device)  # loss terms, Dice sum, images
         logged = torch.zeros_like(sums)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)  # fmt: skip
@@ -354,7 +356,7 @@ class Trainer:
             self.scaler.update()
             with torch.no_grad():
                 zero = torch.zeros((), device=self.device)
-                terms = torch.stack([out.losses.get(name, zero).detach().float() for name in LOSS_TERMS])
+                terms = torch.stack([out.losses.get(name, zero).detach().float() for name in LOGGED_LOSSES])
                 n = batch["images"].shape[0]
                 dice = self._batch_dice(out.logits, batch["masks"])
                 sums += torch.cat(
@@ -366,11 +368,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{window[0] / window[-1]:.4f}", dice=f"{window[-2] / window[-1]:.4f}")
         all_reduce_sum(sums, self.dist)
         totals = sums.tolist()
-        images = max(totals[-1], 1.0)
+        images = totals[-1]
+        if images == 0:
+            raise ValueError(
+                f"the training loader yielded no batch ({len(self.train_set)} images in the train split, "
+                f"batch size {self.cfg.batch_size}, {self.dist.world_size} process(es))"
+            )
+        computed = {"total", *self.model.loss_terms}
         means = {
             name: value / images
-            for name, value in zip(LOSS_TERMS, totals, strict=False)
-            if name in out.losses
+            for name, value in zip(LOGGED_LOSSES, totals, strict=False)
+            if name in computed
         }
         means["dice_score"] = totals[-2] / images
         return means
