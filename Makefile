@@ -59,7 +59,7 @@ demo: $(STAMP)
 	@echo "demo: metrics in $(DEMO)/test.json and $(DEMO)/counterfactual.json; error overlays (green TP, red FN,"
 	@echo "blue FP) in $(DEMO)/overlays; W_poi/W_woi and the two-note comparison in $(DEMO)/explain."
 	@echo "A model that reads its notes scores far lower with shuffled notes than with its own; when the two"
-	@echo "are close (about 60 each), this run did not learn to read them (README, Does it read the note?)"
+	@echo "are close (about 60 each), this run did not learn to read them (docs/experiments/note_following.md)."
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

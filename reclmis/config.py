@@ -73,15 +73,15 @@ class RecLMISConfig:
     trust_remote_code: bool = False  # let a pretrained text encoder run the code it ships (CXR-BERT)
     interaction_heads: int = 4
     # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
-    # official code, where the note reaches the decoder only through attention patterns (see README)
+    # official code, where the note reaches the decoder only through attention patterns (docs/differences.md)
     interaction_residual: bool = True
     # gated text injection in CI: V' = g * V + MHA(V, E') with g = 2 sigmoid(Linear(MHA(V, E'))) per patch and
     # channel, zero-initialised (g = 1: the ungated model at the start), so the note can also scale visual
     # features down, e.g. a lesion it does not name; off = the paper's sum
     interaction_gate: bool = False
     # LayerNorm on each CI attention's output before it is added: E' = E + LN(MHA(E, V)),
-    # V' = V + LN(MHA(V, E')). Without it nothing bounds what the attentions add: on MoNuSeg MHA(V, E') grows
-    # to 4-1500x V's RMS (benchmarks/results/monuseg_diagnosis_cpu.json); off = the paper's sum
+    # V' = V + LN(MHA(V, E')), which bounds what the attentions add to E and V whatever scale their weights
+    # reach (docs/differences.md); off = the paper's sum
     interaction_norm: bool = False
     # each reconstructor (CVR, CLR): a memory stack encoding the condition source, then a reconstruction
     # stack rebuilding the masked tokens (the official DualTransformer: 3 + 3, 4 + 4 in the QaTa recipe)
@@ -90,7 +90,7 @@ class RecLMISConfig:
     recon_heads: int = 4
     recon_dropout: float = 0.1
     # the official causal mask in the reconstructors' self-attentions (token i attends to tokens <= i, in
-    # raster order for the image); off by default (see README)
+    # raster order for the image); off by default (docs/differences.md)
     recon_causal: bool = False
     attention_mode: str = "reweight"  # "reweight" (official code) or "scale" (literal Eq. 7)
     # dropout on V' and E' before the W_poi / W_woi heads, in training (official: 0.5 MosMed and MoNuSeg)
@@ -257,9 +257,10 @@ class TrainConfig:
     # features of a frozen pretrained text encoder kept per distinct tokenised note (so the tower runs once
     # per note, not once per step): at most this many notes on the model's device; 0 runs it every step
     text_cache_size: int = 8192
-    # torch.compile the model (off until measured: README, Performance). compile_mode "auto" is
-    # "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on CUDA and
-    # the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick check)
+    # torch.compile the model (off by default until measured on a GPU: docs/performance.md). compile_mode
+    # "auto" is "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on
+    # CUDA and the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick
+    # check)
     compile: bool = False
     compile_mode: str = "auto"
     compile_backend: str = "inductor"
