@@ -18,7 +18,7 @@ from reclmis.config import RecLMISConfig
 from reclmis.model import RecLMIS, TextEncoder
 from reclmis.model.tokenizer import NoteTokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -76,7 +76,16 @@ def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
     return state | {"model_config": values, "text_encoder": text_encoder}
 
 
-_UPGRADES = {1: _from_version_1}
+def _from_version_2(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 -> 3: ``interaction_residual`` (on: CI's residual form, off: the official module) became
+    ``interaction_injection``, whose default is now the gated injection."""
+    values = dict(state["model_config"])
+    residual = values.pop("interaction_residual", True)
+    values.setdefault("interaction_injection", "residual" if residual else "official")
+    return state | {"model_config": values}
+
+
+_UPGRADES = {1: _from_version_1, 2: _from_version_2}
 
 
 def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
