@@ -265,7 +265,7 @@ class TrainConfig:
             raise ValueError(
                 f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
             )
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -280,6 +280,9 @@ class TrainConfig:
             raise ValueError(f"restart_epochs must be at least 1, got {self.restart_epochs}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        for name in ("num_workers", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
 
