@@ -192,6 +192,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, train_config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.start_epoch = 0
+        self._first_bad: torch.Tensor | None = None
         self.best_dice = -math.inf
         self.stale_epochs = 0
         if state is not None:
@@ -391,7 +392,14 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)  # fmt: skip
         with self._compile_notice(bar):
-            return self._train_steps(bar, sums, logged, epoch)
+            try:
+                return self._train_steps(bar, sums, logged, epoch)
+            except NonFiniteLossError:
+                raise
+            except Exception as err:  # NaN weights can fail a later step first (an op rejecting them)
+                if self._first_bad is not None:
+                    self._check_finite(float(self._first_bad), epoch, len(bar), err)
+                raise
 
     def _compile_notice(self, bar: tqdm) -> contextlib.AbstractContextManager:
         return compile_notice(bar) if self.cfg.compile else contextlib.nullcontext()
@@ -400,6 +408,7 @@ class Trainer:
         self, bar: tqdm, sums: torch.Tensor, logged: torch.Tensor, epoch: int
     ) -> dict[str, float]:
         first_bad = torch.zeros((), device=self.device)  # the first step whose loss is not finite; 0: none
+        self._first_bad = first_bad
         for step, batch in enumerate(bar, start=1):
             batch = to_device(batch, self.device, self.cfg.channels_last)
             out = self._forward(batch, batch["masks"])
@@ -416,6 +425,7 @@ class Trainer:
                     [terms * n, dice.sum().view(1), torch.full((1,), float(n), device=self.device)]
                 )
                 first_bad = torch.where((first_bad == 0) & ~torch.isfinite(terms[0]), step, first_bad)
+                self._first_bad = first_bad
             if step % self.cfg.log_every == 0 and self.progress:
                 # the only host read of the step, every log_every steps
                 *window, bad = torch.cat([sums - logged, first_bad.view(1)]).tolist()
@@ -436,7 +446,7 @@ class Trainer:
         means["dice_score"] = totals[-2] / images
         return means
 
-    def _check_finite(self, first_bad: float, epoch: int, steps: int) -> None:
+    def _check_finite(self, first_bad: float, epoch: int, steps: int, cause: Exception | None = None) -> None:
         """Stop on a non-finite loss (``first_bad``: its step, -1 on another process, 0 none)."""
         if first_bad == 0:
             return
@@ -445,7 +455,7 @@ class Trainer:
             f"training stopped: the loss is not finite (NaN or infinite) at epoch {epoch + 1}, {where}; "
             f"nothing of epoch {epoch + 1} was saved. Lower the learning rate (lr={self.cfg.lr:g}) or check "
             "the data"
-        )
+        ) from cause
 
     @staticmethod
     def _batch_dice(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
