@@ -155,9 +155,7 @@ def check_no_overwrite(outputs: dict[str, Path], inputs: dict[str, Path]) -> Non
             if not same and Path(output).exists() and Path(source).exists():
                 same = os.path.samefile(output, source)
             if same:
-                raise ValueError(
-                    f"{output} is the input {kind} {source}: it would be overwritten; choose another --out"
-                )
+                raise ValueError(f"{output} would overwrite the input {kind} {source}; choose another --out")
 
 
 def write_prediction(prediction: Prediction, out: str | Path, explain: bool = False) -> list[Path]:

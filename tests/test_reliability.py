@@ -136,10 +136,10 @@ def test_predict_refuses_to_overwrite_its_inputs(untrained_checkpoint, synthetic
         "cpu",
     ]
     cases = [
-        (["--image", str(image), "--out", str(image)], "is the input image"),
-        (["--image", str(image), "--out", str(tmp_path / "sub" / ".." / "a.png")], "is the input image"),
+        (["--image", str(image), "--out", str(image)], "would overwrite the input image"),
+        (["--image", str(image), "--out", str(tmp_path / "sub" / ".." / "a.png")], "would overwrite the input image"),
         (["--image", str(tmp_path / "p_compare.png"), "--out", str(tmp_path / "p.png"), "--compare-text", "x"],
-         "p_compare.png is the input image"),
+         "p_compare.png would overwrite the input image"),
         (["--image", str(image), "--out", str(untrained_checkpoint)], "a mask is written as"),
     ]  # fmt: skip
     shutil.copy(image, tmp_path / "p_compare.png")
@@ -150,7 +150,7 @@ def test_predict_refuses_to_overwrite_its_inputs(untrained_checkpoint, synthetic
     model = tmp_path / "model.png"  # a checkpoint under an image's name is an input too
     shutil.copy(untrained_checkpoint, model)
     assert main([*base[:2], str(model), *base[3:], "--image", str(image), "--out", str(model)]) == 2
-    assert f"{model} is the input checkpoint" in capsys.readouterr().err
+    assert f"{model} would overwrite the input checkpoint" in capsys.readouterr().err
     assert image.read_bytes() == original and (tmp_path / "p_compare.png").read_bytes() == original
     assert load_checkpoint(untrained_checkpoint)["epoch"] == 0
 
