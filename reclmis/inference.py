@@ -38,7 +38,8 @@ def evaluate(
     empty_score: float = 1.0,
     notes: str = "own",
 ) -> dict[str, float | int | str]:
-    """Per-image Dice and IoU at threshold 0.5, averaged over the images of ``split``.
+    """Dice and IoU at threshold 0.5 on ``split``, in both protocols (``reclmis.metrics``): per image and
+    averaged over images ("dice", "iou"), and pooled over every pixel ("pooled_dice", "pooled_iou").
 
     Ground-truth masks are binarised by :data:`~reclmis.data.MASK_RULE`, then resized to the model's input
     by ``mask_resize`` ("nearest", or "bilinear" then > 0 as the official loader); an image whose mask and
@@ -86,8 +87,9 @@ def evaluate(
             writer = csv.writer(handle)
             writer.writerow(["image", "dice", "iou"])
             writer.writerows((name, f"{float(d):.6f}", f"{float(i):.6f}") for name, d, i in rows)
+    protocols = {"dice": "per image, mean over images", "pooled_dice": "pooled over every pixel of the split"}
     conventions = {"mask_foreground": MASK_RULE, "mask_resize": mask_resize, "empty_score": empty_score}
-    return meter.compute() | conventions | {"notes": notes}
+    return meter.compute() | {"protocols": protocols} | conventions | {"notes": notes}
 
 
 @dataclass
