@@ -123,7 +123,7 @@ def predict(
     return Prediction(probabilities, probabilities >= 0.5, image, w_poi, words, w_woi)
 
 
-# the mask's file formats, by suffix: lossless only (JPEG would blur its edges into values between 0 and 255)
+# the mask's file formats, by suffix: lossless only (JPEG would blur its edges)
 MASK_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 
 
@@ -133,9 +133,10 @@ def prediction_outputs(out: str | Path, explain: bool = False, compare: bool = F
     with ``compare`` ``<out>_compare.png``. An unsupported or lossy suffix raises ValueError."""
     out = Path(out)
     if out.suffix.lower() not in MASK_FORMATS:
-        lossy = " (a lossy format: the mask would come back with values between 0 and 255)"
+        given = out.suffix or "a name without suffix"
+        lossy = " (a lossy format: its compression would change the mask's pixels)"
         raise ValueError(
-            f"--out {out}: a mask is written as {', '.join(MASK_FORMATS)}, not {out.suffix or 'a name without suffix'}"
+            f"--out {out}: a mask is written as {', '.join(MASK_FORMATS)}, not {given}"
             + (lossy if out.suffix.lower() in (".jpg", ".jpeg", ".webp", ".jp2") else "")
         )
     paths = {"mask": out, "overlay": out.with_name(f"{out.stem}_overlay.png")}

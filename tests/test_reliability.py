@@ -165,8 +165,8 @@ class NaNLossAt(torch.nn.Module):
         super().__init__()
         self.module, self.step, self.calls = module, step, 0
 
-    def forward(self, *args):
-        out = self.module(*args)
+    def forward(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
         self.calls += 1
         if self.calls >= self.step:
             out.losses["total"] = out.losses["total"] * float("nan")

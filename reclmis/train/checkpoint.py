@@ -144,7 +144,10 @@ def _load_failure(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
         found = next((line for line in lines if "GLOBAL" in line), "")
-        return f"it holds Python objects besides tensors and plain data, refused since loading them could run code ({found})"
+        return (
+            "it holds Python objects besides tensors and plain data, refused since loading them could run "
+            f"code ({found})"
+        )
     return lines[0] if lines else type(err).__name__
 
 
