@@ -287,7 +287,7 @@ class TrainConfig:
             raise ValueError(
                 f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
             )
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -302,6 +302,9 @@ class TrainConfig:
             raise ValueError(f"restart_epochs must be at least 1, got {self.restart_epochs}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        for name in ("num_workers", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.text_cache_size < 0:
             raise ValueError(
                 f"text_cache_size must be non-negative (0 disables the cache), got {self.text_cache_size}"

@@ -120,8 +120,8 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
                  str(out_json), "--save-predictions", str(overlays), "--per-image-csv", str(tmp_path / "per.csv"),
                  "--device", "cpu"]) == 0  # fmt: skip
     metrics = json.loads(out_json.read_text())
-    assert set(metrics) == {"dice", "iou", "pooled_dice", "pooled_iou", "protocols", "n", "mask_resize",
-                            "empty_score", "notes"}  # fmt: skip
+    assert set(metrics) == {"dice", "iou", "n", "pooled_dice", "pooled_iou", "protocols", "mask_foreground",
+                            "mask_resize", "empty_score", "notes"}  # fmt: skip
     assert metrics["n"] == 8 and 0 <= metrics["iou"] <= metrics["dice"] <= 1
     assert (metrics["mask_resize"], metrics["empty_score"]) == ("nearest", 1.0)  # as trained
     assert len(list(overlays.glob("*_overlay.png"))) == 8
