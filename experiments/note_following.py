@@ -79,6 +79,10 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "reclmis": {},
     "gated": {"model": {"interaction_injection": "gated"}},
     "gated_minilm": {"model": {"text_encoder": MINILM, "max_text_len": 28}},  # its tokenizer's notes: <= 25
+    "zero_init": {"model": {"interaction_injection": "zero_init"}},
+    "zero_init_minilm": {
+        "model": {"interaction_injection": "zero_init", "text_encoder": MINILM, "max_text_len": 28}
+    },
     "residual": {"model": RESIDUAL},
     "photometric": {"train": {"augment": "photometric"}},
     "official_aug": {"train": {"augment": "official"}},

@@ -15,7 +15,12 @@ from typing import Any
 import yaml
 
 AUGMENTATIONS = ("full", "official", "photometric", "none")
-INJECTIONS = ("gated", "residual", "official")  # interaction_injection (reclmis.model.interaction)
+INJECTIONS = (
+    "gated",
+    "zero_init",
+    "residual",
+    "official",
+)  # interaction_injection (reclmis.model.interaction)
 # the frames a note's sides are stated in (reclmis.data.note_geometry)
 NOTE_FRAMES = ("image", "radiological", "axial")
 

@@ -76,6 +76,9 @@ class ConditionedInteraction(nn.Module):
     - "gated":    D = V4 + tanh(alpha) * A, with a gate alpha (C,) per channel initialised at 0. At
       initialisation the decoder receives the stage-4 features exactly as the image-only network does, and
       training opens the note's path (Flamingo's tanh-gated cross-attention);
+    - "zero_init": D = V4 + Z(A), Z a linear map of the channels initialised at zero (ControlNet's zero
+      convolution): the image-only network at initialisation too, but the first step already gives Z a
+      gradient along every direction of A, so the path opens within steps rather than epochs;
     - "residual": D = V';
     - "official": no residual sums, as the official module: E' = MHA(E, V), D = V' = A.
 
@@ -104,6 +107,10 @@ class ConditionedInteraction(nn.Module):
             raise ValueError("the note gate scales the residual visual tokens: it needs injection='residual'")
         self.injection = injection
         self.alpha = nn.Parameter(torch.zeros(width)) if injection == "gated" else None
+        self.zero_projection = nn.Linear(width, width) if injection == "zero_init" else None
+        if self.zero_projection is not None:
+            nn.init.zeros_(self.zero_projection.weight)
+            nn.init.zeros_(self.zero_projection.bias)
         self.note_gate = nn.Linear(width, width) if note_gate else None
         if self.note_gate is not None:
             nn.init.zeros_(self.note_gate.weight)
@@ -134,6 +141,9 @@ class ConditionedInteraction(nn.Module):
         if self.alpha is not None:
             note = attended.transpose(1, 2).reshape(stage4.shape)
             decoder_input = stage4 + torch.tanh(self.alpha)[:, None, None] * note
+        elif self.zero_projection is not None:
+            note = self.zero_projection(attended).transpose(1, 2).reshape(stage4.shape)
+            decoder_input = stage4 + note
         else:
             decoder_input = v.transpose(1, 2).reshape(stage4.shape)
         return v, decoder_input, self.text_refine(e, text_mask)
