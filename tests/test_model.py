@@ -87,6 +87,7 @@ def test_segmentation_loss_is_the_official_dice_by_default() -> None:
         {"w_head_dropout": 0.5},
         {"attention_mode": "scale"},
         {"recon_memory_layers": 0},
+        {"interaction_injection": "zero_init"},
         {"interaction_injection": "residual"},
         {"interaction_injection": "official"},
         {"interaction_injection": "residual", "interaction_gate": True},
@@ -260,11 +261,12 @@ def test_bad_config_names_the_field(overrides, match) -> None:
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_the_gated_injection_starts_as_the_image_only_network(train: bool) -> None:
-    """With the encoder and decoder weights of a text-off model, the default (gated) model gives its logits
-    exactly at initialisation, in eval and in train mode (CI's dropout acts on CI's own tokens only), and
-    the gate receives a gradient, so training can open the note's path."""
-    text_on = make_model()
+@pytest.mark.parametrize(("injection", "gate"), [("gated", "alpha"), ("zero_init", "zero_projection.weight")])
+def test_a_closed_injection_starts_as_the_image_only_network(injection: str, gate: str, train: bool) -> None:
+    """With the encoder and decoder weights of a text-off model, the gated and zero-initialised injections
+    give its logits exactly at initialisation, in eval and in train mode (CI's dropout acts on CI's own
+    tokens only), and their gate receives a gradient, so training can open the note's path."""
+    text_on = make_model(interaction_injection=injection)
     text_off = RecLMIS(text_on.config.replace(use_text=False))
     text_off.encoder.load_state_dict(text_on.encoder.state_dict())
     text_off.decoder.load_state_dict(text_on.decoder.state_dict())
@@ -274,12 +276,13 @@ def test_the_gated_injection_starts_as_the_image_only_network(train: bool) -> No
     on = text_on(images, ids, mask, masks)
     off = text_off(images, masks=masks)
     torch.testing.assert_close(on.logits, off.logits, rtol=0, atol=0)
+    closed = text_on.interaction.get_parameter(gate)
+    assert (closed == 0).all()
     if train:
         on.losses["total"].backward()
-        alpha = text_on.interaction.alpha
-        assert alpha.grad is not None and alpha.grad.abs().sum() > 0 and (alpha == 0).all()
+        assert closed.grad is not None and closed.grad.abs().sum() > 0
     with torch.no_grad():
-        text_on.interaction.alpha.fill_(0.5)  # an opened gate: the note now changes the segmentation
+        closed.fill_(0.5)  # an opened gate: the note now changes the segmentation
     assert not torch.allclose(text_on.eval()(images, ids, mask).logits, text_off.eval()(images).logits)
 
 
