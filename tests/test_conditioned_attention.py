@@ -15,10 +15,11 @@ import torch
 pytest.importorskip("triton", reason="the fused conditioned attention needs the triton package")
 
 import reclmis.kernels.conditioned_attention as fused
+from reclmis.kernels import _runtime
 from reclmis.ops import conditioned_attention, conditioned_attention_reference
 from reclmis.ops.conditioned_attention import HEAD_DIMS, REWEIGHT_EPS
 
-if fused.interpreted():
+if _runtime.interpreting():
     DEVICE = "cpu"
 elif torch.cuda.is_available():
     DEVICE = "cuda"
@@ -29,7 +30,7 @@ else:
     )
 
 gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or fused.interpreted(),
+    not torch.cuda.is_available() or _runtime.interpreting(),
     reason="needs CUDA and compiled kernels: run `TRITON_INTERPRET=0 pytest -m gpu` on a CUDA machine",
 )
 
@@ -38,7 +39,7 @@ gpu = pytest.mark.skipif(
 # TF32 emulated in the interpreter (operands truncated) at the GPU shapes below needs 1.9e-3 forward and
 # 1.5e-2 for the gradients (dcond, a sum over heads and queries): TF32_TOL leaves a margin of 2.5x and 2x.
 TF32_TOL = (5e-3, 3e-2)
-FP32_TOL = (1e-5, 1e-5) if fused.interpreted() else TF32_TOL
+FP32_TOL = (1e-5, 1e-5) if _runtime.interpreting() else TF32_TOL
 TOLERANCES = {torch.float32: FP32_TOL, torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}
 
 # Short keys (CVR: one key tile, several query blocks), long keys (CLR: queries in one tile, key blocks) at
@@ -369,7 +370,7 @@ def test_ops_backend_triton_runs_the_kernel(monkeypatch):
 
 
 def test_ops_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)  # as if triton had compiled the kernels
     q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.float32, padded=False, device="cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         conditioned_attention(q, k, v, cond, mask, backend="triton")

@@ -20,11 +20,12 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import reclmis.ops
+from reclmis.kernels import _runtime
 from reclmis.kernels import max_similarity as kernels
 from reclmis.ops import max_similarity_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = kernels.interpreted()
+INTERPRETED = _runtime.interpreting()
 pytestmark = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRETED,
     reason="no CUDA, and TRITON_INTERPRET=0 was set: the kernels cannot run",

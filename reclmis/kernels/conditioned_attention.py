@@ -44,9 +44,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from reclmis.ops.conditioned_attention import REWEIGHT_EPS
+from . import _runtime
+from ._constants import REWEIGHT_EPS
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _EPS = tl.constexpr(REWEIGHT_EPS)
@@ -380,21 +380,7 @@ def plan(nq: int, nk: int, d: int, dtype: torch.dtype, mode: str, has_mask: bool
 # Host side: torch.library ops (capturable: no host sync, allocations depend on shapes only)
 
 
-_INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
-
-
-def interpreted() -> bool:
-    """Whether this module's kernels run in the Triton interpreter (TRITON_INTERPRET=1 when first imported)."""
-    return _INTERPRETED
-
-
-def _check_runnable(q: torch.Tensor) -> None:
-    if q.device.type != "cuda" and not interpreted():
-        raise RuntimeError(
-            f"the conditioned_attention Triton kernels were compiled for the GPU but got {q.device} tensors: "
-            "on CPU they run only in the interpreter, and TRITON_INTERPRET=1 must be set before "
-            "reclmis.kernels.conditioned_attention is first imported"
-        )
+_runtime.check_flavour(_fwd_kernel, __name__)
 
 
 def _rows_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -519,6 +505,6 @@ def conditioned_attention_triton(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Fused conditioned attention; inputs as validated by ``reclmis.ops.conditioned_attention``."""
-    _check_runnable(q)
+    _runtime.check_device(q.device, "conditioned_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return conditioned_attention_fwd(q, k, v, cond, key_padding_mask, mode, scale)[0]

@@ -50,9 +50,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-NORM_EPS = 1e-12  # F.normalize's default
+from . import _runtime
+from ._constants import NORM_EPS
+
 ROWS_PER_PROGRAM, NORM_BLOCK_C = 16, 64  # tile of the text normalisation pre-pass
 RESIDENT_BYTES = 64 * 1024  # the forward's image block, kept on chip for the whole text sweep
 TEXT_TILE_BYTES = 32 * 1024  # one text tile of that sweep
@@ -437,19 +438,7 @@ def _max_similarity_bwd_txt_finish_kernel(
             tl.store(d_txt_ptr + tile, d_hat.to(d_txt_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def interpreted() -> bool:
-    """Whether the kernels run in Triton's interpreter (CPU tensors allowed) rather than compiled.
-
-    triton.jit fixes the flavour from TRITON_INTERPRET at decoration time: for triton's own library (tl.sum,
-    tl.max) when triton is first imported, for these kernels when this module is. Mixed flavours cannot run.
-    """
-    ours = isinstance(_max_similarity_fwd_kernel, InterpretedFunction)
-    if ours != isinstance(tl.sum, InterpretedFunction):
-        raise RuntimeError(
-            "TRITON_INTERPRET changed between the first import of triton and that of "
-            "reclmis.kernels.max_similarity; set it (or leave it unset) before triton is first imported"
-        )
-    return ours
+_runtime.check_flavour(_max_similarity_fwd_kernel, __name__)
 
 
 def _least_padded(rows: int, candidates: tuple[int, ...]) -> int:
@@ -714,11 +703,7 @@ def max_similarity_triton(
 ) -> torch.Tensor:
     """S (Bi, Bt) fp32 of Eq. 4-5 without materialising the (Bi, Bt, N, L) tensor; inputs are checked by
     ``reclmis.ops.max_similarity``. txt_mask (Bt, L) bool, True = valid token (None: all valid)."""
-    if img.device.type == "cpu" and not interpreted():
-        raise RuntimeError(
-            "max_similarity_triton got CPU tensors but its kernels are compiled: running them on CPU takes "
-            "Triton's interpreter, i.e. TRITON_INTERPRET=1 set before triton is first imported"
-        )
+    _runtime.check_device(img.device, "max_similarity")
     if txt_mask is None:
         txt_mask = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
     valid = txt_mask.contiguous().view(torch.uint8)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from reclmis.kernels import _runtime
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,33 +38,17 @@ def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_triton_backend(backend: str, device: torch.device, op: str) -> str:
     """Map ``backend`` to "reference" or "triton" for a tensor on ``device``.
 
     "auto" picks the fused kernel for CUDA tensors when Triton is installed and the reference elsewhere.
-    "triton" on CPU tensors is only meaningful under TRITON_INTERPRET=1 (how CI tests kernels).
+    "triton" on CPU tensors is only meaningful in Triton's interpreter (how CI tests kernels).
     """
     check_backend(backend, ("auto", "reference", "triton"))
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        return "triton" if device.type == "cuda" and _runtime.triton_available() else "reference"
     if backend == "triton":
-        if not triton_available():
+        if not _runtime.triton_available():
             raise RuntimeError(f"{op}(backend='triton') needs the triton package, which is not installed")
-        if device.type != "cuda" and not triton_interpreting():
-            raise RuntimeError(
-                f"{op}(backend='triton') needs CUDA tensors (got {device}); on CPU the kernel runs only "
-                "under TRITON_INTERPRET=1, which is how the tests exercise it"
-            )
+        _runtime.check_device(device, op)
     return backend

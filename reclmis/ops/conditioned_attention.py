@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from reclmis.kernels._constants import REWEIGHT_EPS
 from reclmis.ops._checks import check_dim, check_same_device, check_tensor, resolve_triton_backend
 
 MODES = ("scale", "reweight")
 HEAD_DIMS = (16, 32, 64, 128, 256)
-REWEIGHT_EPS = 1e-10
 
 
 def conditioned_attention_reference(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from reclmis.kernels._constants import NORM_EPS
 from reclmis.ops._checks import check_dim, check_same_device, check_tensor, resolve_triton_backend
 
 
@@ -29,7 +30,7 @@ def max_similarity_reference(
     """Plain PyTorch oracle: materialises the (Bi, Bt, N, L) similarity tensor, in fp32."""
     img, txt = img.float(), txt.float()
     if normalize:
-        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        img, txt = F.normalize(img, dim=-1, eps=NORM_EPS), F.normalize(txt, dim=-1, eps=NORM_EPS)
     if txt_mask is None:
         txt_mask = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
     sim = torch.einsum("anc,blc->abnl", img, txt)  # (Bi, Bt, N, L)
