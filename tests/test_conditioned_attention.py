@@ -120,10 +120,12 @@ def test_matches_reference(regime, padded, mode, dtype, request):
     forward = launch.forward
     assert (shape["nq"] > forward["BLOCK_M"]) == (regime != "long"), forward  # several query blocks
     assert (shape["nk"] > 2 * forward["BLOCK_N"]) == (regime != "short"), forward  # several key blocks
-    for side in (launch.bwd_q, launch.bwd_kv):  # streamed side: full blocks and a 16-row tail
-        if side is not None:
-            streamed, block = ("nk", side["BLOCK_N"]) if side is launch.bwd_q else ("nq", side["BLOCK_M"])
-            assert shape[streamed] > block and shape[streamed] % block > 0, side
+    for side, streamed, block in (
+        (launch.backward_queries, "nk", "BLOCK_N"),
+        (launch.backward_keys, "nq", "BLOCK_M"),
+    ):
+        if side is not None:  # streamed side: full blocks and a 16-row tail
+            assert shape[streamed] > side[block] and shape[streamed] % side[block] > 0, side
     _assert_matches(*_fused_and_reference(q, k, v, cond, mask, dout, mode), dtype)
 
 
@@ -273,8 +275,11 @@ def test_paper_regimes_take_the_one_launch_backward(d, dtype):
     """CVR (196 image tokens over 18 words) holds the keys, CLR (18 words over 196 image tokens) the queries."""
     cvr = fused.plan(196, 18, d, dtype, "reweight", has_mask=True)
     clr = fused.plan(18, 196, d, dtype, "reweight", has_mask=False)
-    assert (cvr.backward, cvr.bwd_kv["BLOCK_N"]) == ("keys", 32), cvr
-    assert (clr.backward, clr.bwd_q["BLOCK_M"]) == ("queries", 32), clr
+    assert (cvr.backward, cvr.backward_keys["BLOCK_N"]) == ("keys", 32), cvr
+    assert (clr.backward, clr.backward_queries["BLOCK_M"]) == ("queries", 32), clr
+
+
+FUSED_KERNELS = ("forward", "backward_queries", "backward_keys")
 
 
 class _CountLaunches:
@@ -294,16 +299,13 @@ class _CountLaunches:
 @pytest.mark.parametrize("regime", ["short", "long", "general"])
 def test_kernel_launches_per_call(regime, small_tiles, monkeypatch):
     launches = []
-    for name in ("_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"):
+    forward, queries, keys = (f"_conditioned_attention_{name}_kernel" for name in FUSED_KERNELS)
+    for name in (forward, queries, keys):
         monkeypatch.setattr(fused, name, _CountLaunches(getattr(fused, name), launches))
     shape = {"short": {**SHORT, "nk": 13}, "long": {**LONG, "nk": 40}, "general": GENERAL}[regime]
     q, k, v, cond, mask, dout = _inputs(**{**shape, "d": 16}, dtype=torch.float32, padded=True)
     _fused_and_reference(q, k, v, cond, mask, dout, "scale")
-    expected = {
-        "short": ["_fwd_kernel", "_bwd_kv_kernel"],
-        "long": ["_fwd_kernel", "_bwd_q_kernel"],
-        "general": ["_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"],
-    }
+    expected = {"short": [forward, keys], "long": [forward, queries], "general": [forward, queries, keys]}
     assert launches == expected[regime]
 
 
@@ -313,10 +315,10 @@ def test_registered_ops_pass_opcheck(padded):
     q, k, v, cond, mask, dout = _inputs(2, 2, 9, 20, 16, torch.float32, padded=padded)
     leaves = [t.requires_grad_() for t in (q, k, v, cond)]
     args = (*leaves, mask, "reweight", 0.25)
-    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_fwd.default, args)
-    out, lse = (t.detach() for t in torch.ops.reclmis.conditioned_attention_fwd(*args))
+    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_forward.default, args)
+    out, lse = (t.detach() for t in torch.ops.reclmis.conditioned_attention_forward(*args))
     bwd_args = (dout, *(t.detach() for t in leaves), mask, out, lse, "reweight", 0.25)
-    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_backward.default, bwd_args)
 
 
 def test_compiles_without_graph_break():

@@ -1,4 +1,4 @@
-"""Where the Triton kernels run: compiled for the GPU, or in Triton's CPU interpreter (how the tests run them).
+"""Where the Triton kernels run: compiled for the GPU, or in Triton's CPU interpreter (as in the tests).
 
 Imports no triton at import time, so that ``reclmis.ops`` imports on machines without triton (macOS).
 ``triton.jit`` fixes a function's flavour when it decorates it, from TRITON_INTERPRET at that moment: Triton's
@@ -57,6 +57,6 @@ def check_device(device: torch.device, op: str) -> None:
     """The CPU guard: compiled kernels take CUDA tensors only."""
     if device.type != "cuda" and not interpreting():
         raise RuntimeError(
-            f"{op}(backend='triton') needs CUDA tensors, got {device} tensors: the Triton kernels are compiled "
-            f"for the GPU here; {INTERPRETER_HINT}"
+            f"{op}(backend='triton') needs CUDA tensors, got {device} tensors: the Triton kernels are "
+            f"compiled for the GPU here; {INTERPRETER_HINT}"
         )

@@ -32,7 +32,7 @@ the work. Eq. 5's sum over heads reads a per-head buffer in a fixed order: deter
 fp32 inputs run their dots on tensor cores in TF32 (operands rounded to 10 mantissa bits, fp32 accumulation;
 about 1e-3 relative error, see the GPU tolerances in tests/test_conditioned_attention.py). Addresses are
 64-bit (batch, head and row offsets), so tensors past 2^31 elements are read correctly. The host side
-registers the forward and backward as torch.library ops, reclmis::conditioned_attention_fwd / _bwd, with
+registers the forward and backward as torch.library ops, reclmis::conditioned_attention_forward / _backward, with
 fake kernels and autograd, so torch.compile(fullgraph=True) and CUDA graphs take them whole.
 """
 
@@ -95,7 +95,7 @@ def _key_terms(Cond, Mask, cols, Nk, scn, smn, scale, MODE_SCALE: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_kernel(
+def _conditioned_attention_forward_kernel(
     Q, K, V, Cond, Mask, Out, Lse,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, scb, scn, smb, smn,
     H, Nq, Nk, scale,
@@ -162,13 +162,13 @@ def _cond_grad(dc_sum, c, scale, MODE_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _kv_step(
+def _backward_keys_step(
     Q, dOut, Out, Lse, Delta, dQ, sqn, sdon, son, sdqn, start_m, Nq,
     k, v, a, bias, dk, dv, dc,
     MODE_SCALE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, WITH_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One block of queries against the key block held by ``_bwd_kv_kernel``: accumulates dk, dv, dcond."""
+    """One block of queries against the key block held by ``_conditioned_attention_backward_keys_kernel``: accumulates dk, dv, dcond."""
     rows = _span(start_m, BLOCK)
     q = _load_rows(Q, rows, Nq, sqn, D)
     do = _load_rows(dOut, rows, Nq, sdon, D)
@@ -188,7 +188,7 @@ def _kv_step(
 
 
 @triton.jit
-def _bwd_kv_kernel(
+def _conditioned_attention_backward_keys_kernel(
     Q, K, V, Cond, Mask, Out, dOut, Lse, Delta, dQ, dK, dV, dCondH,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
     sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, scb, scn, smb, smn,
@@ -199,7 +199,7 @@ def _bwd_kv_kernel(
     """dk, dv (Eq. 4) and this head's term of dcond (Eq. 5) for BLOCK_N keys, streaming the queries.
 
     WITH_DQ (one key block holds all keys): also delta and dq, so one launch computes the whole backward.
-    Otherwise delta comes from ``_bwd_q_kernel``. grid (cdiv(Nk, BLOCK_N), B * H).
+    Otherwise delta comes from ``_conditioned_attention_backward_queries_kernel``. grid (cdiv(Nk, BLOCK_N), B * H).
     """
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -219,12 +219,12 @@ def _bwd_kv_kernel(
     dc = tl.zeros([BLOCK_N], tl.float32)
     n_full = Nq - Nq % BLOCK_M
     for start_m in range(0, n_full, BLOCK_M):
-        dk, dv, dc = _kv_step(
+        dk, dv, dc = _backward_keys_step(
             Q, dOut, Out, Lse, Delta, dQ, sqn, sdon, son, sdqn, start_m, Nq, k, v, a, bias, dk, dv, dc,
             MODE_SCALE, D, BLOCK_M, WITH_DQ, PRECISION,
         )  # fmt: skip
     for start_m in range(n_full, Nq, _TAIL):
-        dk, dv, dc = _kv_step(
+        dk, dv, dc = _backward_keys_step(
             Q, dOut, Out, Lse, Delta, dQ, sqn, sdon, son, sdqn, start_m, Nq, k, v, a, bias, dk, dv, dc,
             MODE_SCALE, D, _TAIL, WITH_DQ, PRECISION,
         )  # fmt: skip
@@ -234,13 +234,13 @@ def _bwd_kv_kernel(
 
 
 @triton.jit
-def _q_step(
+def _backward_queries_step(
     K, V, Cond, Mask, dK, dV, dCondH, skn, svn, scn, smn, sdkn, sdvn, start_n, Nk, scale,
     q, do, lse, delta, dq,
     MODE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
     WITH_DKDV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One block of keys against the queries held by ``_bwd_q_kernel``: accumulates dq."""
+    """One block of keys against the queries held by ``_conditioned_attention_backward_queries_kernel``: accumulates dq."""
     cols = _span(start_n, BLOCK)
     c, a, bias = _key_terms(Cond, Mask, cols, Nk, scn, smn, scale, MODE_SCALE, HAS_MASK)
     k = _load_rows(K, cols, Nk, skn, D)
@@ -261,7 +261,7 @@ def _q_step(
 
 
 @triton.jit
-def _bwd_q_kernel(
+def _conditioned_attention_backward_queries_kernel(
     Q, K, V, Cond, Mask, Out, dOut, Lse, Delta, dQ, dK, dV, dCondH,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
     sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, scb, scn, smb, smn,
@@ -272,7 +272,7 @@ def _bwd_q_kernel(
     """delta and dq (Eq. 4) for BLOCK_M queries of a (b, h), streaming the keys.
 
     WITH_DKDV (one query block holds all queries): also dk, dv and this head's term of dcond, so one launch
-    computes the whole backward. Otherwise it stores delta for ``_bwd_kv_kernel``. grid (cdiv(Nq, BLOCK_M), B*H).
+    computes the whole backward. Otherwise it stores delta for ``_conditioned_attention_backward_keys_kernel``. grid (cdiv(Nq, BLOCK_M), B*H).
     """
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -296,12 +296,12 @@ def _bwd_q_kernel(
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     n_full = Nk - Nk % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _q_step(
+        dq = _backward_queries_step(
             K, V, Cond, Mask, dK, dV, dCondH, skn, svn, scn, smn, sdkn, sdvn, start_n, Nk, scale,
             q, do, lse, delta, dq, MODE_SCALE, HAS_MASK, D, BLOCK_N, WITH_DKDV, PRECISION,
         )  # fmt: skip
     for start_n in range(n_full, Nk, _TAIL):
-        dq = _q_step(
+        dq = _backward_queries_step(
             K, V, Cond, Mask, dK, dV, dCondH, skn, svn, scn, smn, sdkn, sdvn, start_n, Nk, scale,
             q, do, lse, delta, dq, MODE_SCALE, HAS_MASK, D, _TAIL, WITH_DKDV, PRECISION,
         )  # fmt: skip
@@ -316,14 +316,14 @@ def _bwd_q_kernel(
 class Plan:
     """Tile sizes and kernels of one call; a function of the shapes and dtype only (no data, no host sync).
 
-    ``backward`` is "keys" (one launch of ``_bwd_kv_kernel`` holding all keys), "queries" (one launch of
-    ``_bwd_q_kernel`` holding all queries) or "general" (``_bwd_q_kernel`` then ``_bwd_kv_kernel``).
+    ``backward`` is "keys" (one launch of ``_conditioned_attention_backward_keys_kernel`` holding all keys), "queries" (one launch of
+    ``_conditioned_attention_backward_queries_kernel`` holding all queries) or "general" (``_conditioned_attention_backward_queries_kernel`` then ``_conditioned_attention_backward_keys_kernel``).
     """
 
     forward: dict
     backward: str
-    bwd_q: dict | None
-    bwd_kv: dict | None
+    backward_queries: dict | None
+    backward_keys: dict | None
 
 
 # Tile budgets in elements of a row-major (rows, D) tile; fp32 rows count double (their registers do).
@@ -380,7 +380,7 @@ def plan(nq: int, nk: int, d: int, dtype: torch.dtype, mode: str, has_mask: bool
 # Host side: torch.library ops (capturable: no host sync, allocations depend on shapes only)
 
 
-_runtime.check_flavour(_fwd_kernel, __name__)
+_runtime.check_flavour(_conditioned_attention_forward_kernel, __name__)
 
 
 def _rows_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -405,8 +405,8 @@ def _mask_arg(cond: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     return mask.view(torch.uint8), mask.stride(0), mask.stride(1)
 
 
-@torch.library.custom_op("reclmis::conditioned_attention_fwd", mutates_args=())
-def conditioned_attention_fwd(
+@torch.library.custom_op("reclmis::conditioned_attention_forward", mutates_args=())
+def conditioned_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -423,7 +423,7 @@ def conditioned_attention_fwd(
     out = _empty_rows_like(q)
     lse = q.new_empty((b, h, nq), dtype=torch.float32)
     mask, smb, smn = _mask_arg(cond, key_padding_mask)
-    _fwd_kernel[(triton.cdiv(nq, params["BLOCK_M"]), b * h)](
+    _conditioned_attention_forward_kernel[(triton.cdiv(nq, params["BLOCK_M"]), b * h)](
         q, k, v, cond, mask, out, lse,
         *_rows_strides(q), *_rows_strides(k), *_rows_strides(v), *_rows_strides(out),
         cond.stride(0), cond.stride(1), smb, smn, h, nq, nk, scale, **params,
@@ -431,13 +431,13 @@ def conditioned_attention_fwd(
     return out, lse
 
 
-@conditioned_attention_fwd.register_fake
+@conditioned_attention_forward.register_fake
 def _(q, k, v, cond, key_padding_mask, mode, scale):
     return _empty_rows_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("reclmis::conditioned_attention_bwd", mutates_args=())
-def conditioned_attention_bwd(
+@torch.library.custom_op("reclmis::conditioned_attention_backward", mutates_args=())
+def conditioned_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -464,14 +464,18 @@ def conditioned_attention_bwd(
         *_rows_strides(dq), *_rows_strides(dk), *_rows_strides(dv), cond.stride(0), cond.stride(1), smb, smn,
         h, nq, nk, scale,
     )  # fmt: skip
-    if launch.bwd_q is not None:  # first: it stores delta for the dk/dv kernel of the general path
-        _bwd_q_kernel[(triton.cdiv(nq, launch.bwd_q["BLOCK_M"]), b * h)](*args, **launch.bwd_q)
-    if launch.bwd_kv is not None:
-        _bwd_kv_kernel[(triton.cdiv(nk, launch.bwd_kv["BLOCK_N"]), b * h)](*args, **launch.bwd_kv)
+    if launch.backward_queries is not None:  # first: it stores delta for the dk/dv kernel of the general path
+        _conditioned_attention_backward_queries_kernel[
+            (triton.cdiv(nq, launch.backward_queries["BLOCK_M"]), b * h)
+        ](*args, **launch.backward_queries)
+    if launch.backward_keys is not None:
+        _conditioned_attention_backward_keys_kernel[
+            (triton.cdiv(nk, launch.backward_keys["BLOCK_N"]), b * h)
+        ](*args, **launch.backward_keys)
     return dq, dk, dv, dcond_per_head.sum(1).to(cond.dtype)
 
 
-@conditioned_attention_bwd.register_fake
+@conditioned_attention_backward.register_fake
 def _(dout, q, k, v, cond, key_padding_mask, out, lse, mode, scale):
     return (*(_empty_rows_like(t) for t in (q, k, v)), cond.new_empty(cond.shape))
 
@@ -485,13 +489,15 @@ def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]
     ctx.set_materialize_grads(False)  # no zeros launched for lse's gradient, which is never used
 
 
-def _backward(ctx, dout: torch.Tensor, _dlse: None) -> tuple[torch.Tensor | None, ...]:
+def _autograd_backward(ctx, dout: torch.Tensor, _dlse: None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, cond, key_padding_mask, out, lse = ctx.saved_tensors
-    grads = conditioned_attention_bwd(dout, q, k, v, cond, key_padding_mask, out, lse, ctx.mode, ctx.scale)
+    grads = conditioned_attention_backward(
+        dout, q, k, v, cond, key_padding_mask, out, lse, ctx.mode, ctx.scale
+    )
     return *grads, None, None, None
 
 
-conditioned_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+conditioned_attention_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def conditioned_attention_triton(
@@ -507,4 +513,4 @@ def conditioned_attention_triton(
     """Fused conditioned attention; inputs as validated by ``reclmis.ops.conditioned_attention``."""
     _runtime.check_device(q.device, "conditioned_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return conditioned_attention_fwd(q, k, v, cond, key_padding_mask, mode, scale)[0]
+    return conditioned_attention_forward(q, k, v, cond, key_padding_mask, mode, scale)[0]

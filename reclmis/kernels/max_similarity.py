@@ -62,7 +62,9 @@ PICK_CHUNK = 16  # text tokens compared with a block of image tokens at a time (
 
 
 @triton.jit
-def _inv_norm_kernel(x_ptr, r_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _max_similarity_forward_norm_kernel(
+    x_ptr, r_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """r = 1 / max(||x||, eps) in fp32 for BLOCK_R rows of the contiguous (R, C) x."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -75,7 +77,7 @@ def _inv_norm_kernel(x_ptr, r_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl
 
 
 @triton.jit
-def _max_similarity_fwd_kernel(
+def _max_similarity_forward_kernel(
     img_ptr, txt_ptr, valid_ptr, img_r_ptr, txt_r_ptr,
     row_max_ptr, row_arg_ptr, part_max_ptr, part_arg_ptr,
     Bt, N, L, C, R_img, R_txt, eps,
@@ -151,7 +153,7 @@ def _max_similarity_fwd_kernel(
 
 
 @triton.jit
-def _max_similarity_combine_kernel(
+def _max_similarity_forward_combine_kernel(
     img_w_ptr, txt_w_ptr, valid_ptr, row_max_ptr, part_max_ptr, part_arg_ptr,
     s_ptr, col_max_ptr, col_arg_ptr,
     Bt, N, L, R_txt,
@@ -235,7 +237,7 @@ def _segment_sums(sorted_src, sorted_dest, first, R: tl.constexpr):
 
 
 @triton.jit
-def _max_similarity_bwd_prep_kernel(
+def _max_similarity_backward_prep_kernel(
     img_w_ptr, txt_w_ptr, ds_ptr, row_max_ptr, row_arg_ptr, col_max_ptr, col_arg_ptr,
     d_img_w_ptr, img_proj_ptr, row_keys_ptr, col_keys_ptr,
     Bt, N, L,
@@ -288,7 +290,7 @@ def _max_similarity_bwd_prep_kernel(
 
 
 @triton.jit
-def _max_similarity_bwd_img_kernel(
+def _max_similarity_backward_img_kernel(
     img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, valid_ptr, img_r_ptr, txt_r_ptr, ds_ptr,
     row_arg_ptr, col_keys_ptr, img_proj_ptr, d_img_ptr,
     Bt, N, L, C, eps,
@@ -335,7 +337,7 @@ def _max_similarity_bwd_img_kernel(
 
 
 @triton.jit
-def _max_similarity_bwd_txt_kernel(
+def _max_similarity_backward_txt_kernel(
     img_ptr, img_w_ptr, txt_w_ptr, img_r_ptr, ds_ptr, row_keys_ptr, col_arg_ptr, d_txt_part_ptr,
     Bi, Bt, N, L, C, TEXTS, IMAGES_PER_PROGRAM,
     NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -389,7 +391,7 @@ def _max_similarity_bwd_txt_kernel(
 
 
 @triton.jit
-def _max_similarity_bwd_txt_finish_kernel(
+def _max_similarity_backward_txt_finish_kernel(
     txt_ptr, img_w_ptr, txt_w_ptr, valid_ptr, txt_r_ptr, ds_ptr, row_max_ptr, row_keys_ptr, col_max_ptr,
     d_txt_part_ptr, d_txt_ptr, d_txt_w_ptr,
     Bi, Bt, N, L, C, GROUPS, eps,
@@ -438,7 +440,7 @@ def _max_similarity_bwd_txt_finish_kernel(
             tl.store(d_txt_ptr + tile, d_hat.to(d_txt_ptr.dtype.element_ty), mask=tile_mask)
 
 
-_runtime.check_flavour(_max_similarity_fwd_kernel, __name__)
+_runtime.check_flavour(_max_similarity_forward_kernel, __name__)
 
 
 def _least_padded(rows: int, candidates: tuple[int, ...]) -> int:
@@ -516,13 +518,22 @@ def _target_programs(device: torch.device) -> int:
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     """1 / max(||x||, eps) over the last dimension, fp32, shape x.shape[:-1]."""
     r = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    _inv_norm_kernel[(triton.cdiv(r.numel(), ROWS_PER_PROGRAM),)](
+    _max_similarity_forward_norm_kernel[(triton.cdiv(r.numel(), ROWS_PER_PROGRAM),)](
         x, r, r.numel(), x.shape[-1], NORM_EPS, BLOCK_R=ROWS_PER_PROGRAM, BLOCK_C=NORM_BLOCK_C
     )
     return r
 
 
-def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("reclmis::max_similarity_forward", mutates_args=())
+def max_similarity_forward(
+    img: Tensor, txt: Tensor, img_weight: Tensor, txt_weight: Tensor, valid: Tensor, normalize: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """S (Bi, Bt) and what the backward needs: inverse norms (Bi, N), (Bt, L) (empty without normalize),
+    row_max, row_arg (Bi, Bt, N) and col_max, col_arg (Bi, Bt, L), the indices int16 (row_arg while L < 127)
+    or int32. Inputs contiguous; valid (Bt, L) uint8."""
     (bi, n, c), (bt, l, _) = img.shape, txt.shape
     cfg = _Config.of(bi, bt, n, l, c, img.dtype)
     f32 = {"dtype": torch.float32, "device": img.device}
@@ -537,7 +548,7 @@ def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
         torch.empty(blocks, cfg.slots, bt * l, **f32),
         torch.empty(blocks, cfg.slots, bt * l, **i32),
     )
-    _max_similarity_fwd_kernel[(blocks,)](
+    _max_similarity_forward_kernel[(blocks,)](
         img, txt, valid, img_r, txt_r, row_max, row_arg, part_max, part_arg,
         bt, n, l, c, bi * n, bt * l, NORM_EPS,
         NORMALIZE=normalize, RESIDENT=cfg.resident, PRECISION=cfg.precision,
@@ -545,83 +556,12 @@ def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
         num_warps=cfg.num_warps,
     )  # fmt: skip
     s = torch.empty(bi, bt, **f32)
-    _max_similarity_combine_kernel[(bi, bt)](
+    _max_similarity_forward_combine_kernel[(bi, bt)](
         img_weight, txt_weight, valid, row_max, part_max, part_arg, s, col_max, col_arg,
         bt, n, l, bt * l,
         BLOCK_N=cfg.block_n, SLOTS=cfg.slots, BLOCK_L=cfg.bwd_l, BLOCK_R=cfg.bwd_r, num_warps=4,
     )  # fmt: skip
     return s, img_r, txt_r, row_max, row_arg, col_max, col_arg
-
-
-def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_max, row_arg, col_max, col_arg,
-              normalize: bool, needs: list[bool]):  # fmt: skip
-    (bi, n, c), (bt, l, _) = img.shape, txt.shape
-    cfg = _Config.of(bi, bt, n, l, c, img.dtype)
-    d_s = d_s.float().contiguous()
-    f32 = {"dtype": torch.float32, "device": img.device}
-    i32 = {"dtype": torch.int32, "device": img.device}
-    none = img.new_empty(0)
-    d_img, d_txt, d_img_w, d_txt_w = none, none, none, none
-    row_keys = col_keys = none  # the orders of the sums by destination, for the text and image sides
-    blocks = {"BLOCK_R": cfg.bwd_r, "BLOCK_L": cfg.bwd_l, "num_warps": cfg.num_warps}
-    features = {**blocks, "num_warps": cfg.bwd_warps}
-    row_blocks, c_blocks = triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c)
-    if needs[0] or needs[1] or needs[2]:
-        d_img_w = torch.empty(bi, n, **f32)
-        img_proj = torch.empty(bi, n, **f32) if normalize and needs[0] else torch.empty(0, **f32)
-        if needs[1]:
-            row_keys = torch.empty(bi, bt, n, dtype=row_arg.dtype, device=img.device)
-        if needs[0]:
-            col_keys = torch.empty(bi, bt, l, **i32)
-        _max_similarity_bwd_prep_kernel[(bi, row_blocks)](
-            img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
-            d_img_w, img_proj, row_keys, col_keys,
-            bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0],
-            PICK_CHUNK=PICK_CHUNK, **blocks,
-        )  # fmt: skip
-        d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else d_img_w
-    if needs[0]:
-        d_img = torch.empty_like(img)
-        _max_similarity_bwd_img_kernel[(bi, row_blocks, c_blocks)](
-            img, txt, img_weight, txt_weight, valid, img_r, txt_r, d_s, row_arg, col_keys, img_proj, d_img,
-            bt, n, l, c, NORM_EPS, NORMALIZE=normalize, BLOCK_C=cfg.bwd_c, **features,
-        )  # fmt: skip
-    if needs[1] or needs[3]:
-        tiles = triton.cdiv(bt, cfg.texts)
-        groups = max(1, min(bi, _target_programs(img.device) // (tiles * c_blocks))) if needs[1] else 1
-        images_per_program = triton.cdiv(bi, groups)
-        groups = triton.cdiv(bi, images_per_program)
-        d_txt_part = torch.empty(groups, bt, l, c, **f32) if needs[1] else torch.empty(0, **f32)
-        if needs[1]:
-            _max_similarity_bwd_txt_kernel[(tiles, c_blocks, groups)](
-                img, img_weight, txt_weight, img_r, d_s, row_keys, col_arg, d_txt_part,
-                bi, bt, n, l, c, cfg.texts, images_per_program,
-                NORMALIZE=normalize, BLOCK_T=triton.next_power_of_2(cfg.texts), BLOCK_C=cfg.bwd_c, **features,
-            )  # fmt: skip
-        d_txt = torch.empty_like(txt) if needs[1] else none
-        d_txt_w = torch.empty(bt, l, **f32)
-        _max_similarity_bwd_txt_finish_kernel[(bt,)](
-            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_keys, col_max,
-            d_txt_part, d_txt, d_txt_w,
-            bi, bt, n, l, c, groups, NORM_EPS,
-            NORMALIZE=normalize, FEATURES=needs[1], BLOCK_C=cfg.bwd_c, **blocks,
-        )  # fmt: skip
-        d_txt_w = d_txt_w.to(txt_weight.dtype) if needs[3] else d_txt_w
-    grads = (d_img, d_txt, d_img_w, d_txt_w)
-    return tuple(g if need else g.new_empty(0) for g, need in zip(grads, needs, strict=True))  # no aliases
-
-
-Tensor = torch.Tensor
-
-
-@torch.library.custom_op("reclmis::max_similarity_forward", mutates_args=())
-def max_similarity_forward(
-    img: Tensor, txt: Tensor, img_weight: Tensor, txt_weight: Tensor, valid: Tensor, normalize: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """S (Bi, Bt) and what the backward needs: inverse norms (Bi, N), (Bt, L) (empty without normalize),
-    row_max, row_arg (Bi, Bt, N) and col_max, col_arg (Bi, Bt, L), the indices int16 (row_arg while L < 127)
-    or int32. Inputs contiguous; valid (Bt, L) uint8."""
-    return _forward(img, txt, img_weight, txt_weight, valid, normalize)
 
 
 @max_similarity_forward.register_fake
@@ -647,10 +587,60 @@ def max_similarity_backward(
     normalize: bool, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients w.r.t. img, txt, img_weight, txt_weight (an empty tensor where ``needs`` is False)."""
-    return _backward(
-        d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_max, row_arg, col_max, col_arg,
-        normalize, needs,
-    )  # fmt: skip
+    (bi, n, c), (bt, l, _) = img.shape, txt.shape
+    cfg = _Config.of(bi, bt, n, l, c, img.dtype)
+    d_s = d_s.float().contiguous()
+    f32 = {"dtype": torch.float32, "device": img.device}
+    i32 = {"dtype": torch.int32, "device": img.device}
+    none = img.new_empty(0)
+    d_img, d_txt, d_img_w, d_txt_w = none, none, none, none
+    row_keys = col_keys = none  # the orders of the sums by destination, for the text and image sides
+    blocks = {"BLOCK_R": cfg.bwd_r, "BLOCK_L": cfg.bwd_l, "num_warps": cfg.num_warps}
+    features = {**blocks, "num_warps": cfg.bwd_warps}
+    row_blocks, c_blocks = triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c)
+    if needs[0] or needs[1] or needs[2]:
+        d_img_w = torch.empty(bi, n, **f32)
+        img_proj = torch.empty(bi, n, **f32) if normalize and needs[0] else torch.empty(0, **f32)
+        if needs[1]:
+            row_keys = torch.empty(bi, bt, n, dtype=row_arg.dtype, device=img.device)
+        if needs[0]:
+            col_keys = torch.empty(bi, bt, l, **i32)
+        _max_similarity_backward_prep_kernel[(bi, row_blocks)](
+            img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
+            d_img_w, img_proj, row_keys, col_keys,
+            bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0],
+            PICK_CHUNK=PICK_CHUNK, **blocks,
+        )  # fmt: skip
+        d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else d_img_w
+    if needs[0]:
+        d_img = torch.empty_like(img)
+        _max_similarity_backward_img_kernel[(bi, row_blocks, c_blocks)](
+            img, txt, img_weight, txt_weight, valid, img_r, txt_r, d_s, row_arg, col_keys, img_proj, d_img,
+            bt, n, l, c, NORM_EPS, NORMALIZE=normalize, BLOCK_C=cfg.bwd_c, **features,
+        )  # fmt: skip
+    if needs[1] or needs[3]:
+        tiles = triton.cdiv(bt, cfg.texts)
+        groups = max(1, min(bi, _target_programs(img.device) // (tiles * c_blocks))) if needs[1] else 1
+        images_per_program = triton.cdiv(bi, groups)
+        groups = triton.cdiv(bi, images_per_program)
+        d_txt_part = torch.empty(groups, bt, l, c, **f32) if needs[1] else torch.empty(0, **f32)
+        if needs[1]:
+            _max_similarity_backward_txt_kernel[(tiles, c_blocks, groups)](
+                img, img_weight, txt_weight, img_r, d_s, row_keys, col_arg, d_txt_part,
+                bi, bt, n, l, c, cfg.texts, images_per_program,
+                NORMALIZE=normalize, BLOCK_T=triton.next_power_of_2(cfg.texts), BLOCK_C=cfg.bwd_c, **features,
+            )  # fmt: skip
+        d_txt = torch.empty_like(txt) if needs[1] else none
+        d_txt_w = torch.empty(bt, l, **f32)
+        _max_similarity_backward_txt_finish_kernel[(bt,)](
+            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_keys, col_max,
+            d_txt_part, d_txt, d_txt_w,
+            bi, bt, n, l, c, groups, NORM_EPS,
+            NORMALIZE=normalize, FEATURES=needs[1], BLOCK_C=cfg.bwd_c, **blocks,
+        )  # fmt: skip
+        d_txt_w = d_txt_w.to(txt_weight.dtype) if needs[3] else d_txt_w
+    grads = (d_img, d_txt, d_img_w, d_txt_w)
+    return tuple(g if need else g.new_empty(0) for g, need in zip(grads, needs, strict=True))  # no aliases
 
 
 @max_similarity_backward.register_fake

@@ -96,9 +96,10 @@ def conditioned_attention(
     key_padding_mask (B,Nk) bool marks valid keys (True). Returns (B,H,Nq,D) in q's dtype; softmax
     statistics are fp32. A query row with no valid key returns zeros. Differentiable in q, k, v, cond.
     ``backend``: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton". The Triton path
-    runs the torch.library ops ``torch.ops.reclmis.conditioned_attention_fwd`` / ``_bwd`` (traceable by
-    torch.compile with fullgraph=True, capturable in CUDA graphs); it computes the dot products of fp32
-    inputs in TF32 on the GPU (about 1e-3 relative error; "reference" keeps full fp32 products).
+    runs the torch.library ops ``torch.ops.reclmis.conditioned_attention_forward`` / ``_backward``
+    (traceable by torch.compile with fullgraph=True, capturable in CUDA graphs); it computes the dot
+    products of fp32 inputs in TF32 on the GPU (about 1e-3 relative error; "reference" keeps full fp32
+    products).
     """
     _validate(q, k, v, cond, key_padding_mask, mode, scale)
     if resolve_triton_backend(backend, q.device, "conditioned_attention") == "reference":
