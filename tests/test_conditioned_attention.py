@@ -115,7 +115,7 @@ def test_matches_reference(regime, padded, mode, dtype, request):
     if regime == "general":
         request.getfixturevalue("small_tiles")
     q, k, v, cond, mask, dout = _inputs(**shape, dtype=dtype, padded=padded)
-    launch = fused.plan(shape["nq"], shape["nk"], shape["d"], dtype, mode, padded)
+    launch = fused.plan(shape["nq"], shape["nk"], shape["d"], dtype, mode)
     assert launch.backward == PATH[regime], launch
     forward = launch.forward
     assert (shape["nq"] > forward["BLOCK_M"]) == (regime != "long"), forward  # several query blocks
@@ -182,7 +182,7 @@ PADDING_CASES = [(5, "queries", p) for p in PATTERNS] + [(21, "general", p) for 
 def test_padding_patterns(nq, path, pattern, mode, dtype, small_tiles):
     tile = small_tiles
     q, k, v, cond, mask, dout = _padding_inputs(pattern, dtype, tile, nq=nq)
-    launch = fused.plan(nq, k.shape[2], 16, dtype, mode, True)
+    launch = fused.plan(nq, k.shape[2], 16, dtype, mode)
     assert launch.backward == path and launch.forward["BLOCK_N"] == tile, launch
     _assert_padding_case(q, k, v, cond, mask, dout, mode, dtype)
 
@@ -195,7 +195,7 @@ def test_leading_padded_key_block_at_default_tiles():
     )
     cond = torch.full((1, 192), 1e-8, device=DEVICE)
     mask = (torch.arange(192) >= 64)[None].to(DEVICE)
-    assert fused.plan(4, 192, 16, torch.float16, "reweight", True).forward["BLOCK_N"] == 64
+    assert fused.plan(4, 192, 16, torch.float16, "reweight").forward["BLOCK_N"] == 64
     _assert_padding_case(q, k, v, cond, mask, dout, "reweight", torch.float16)
 
 
@@ -273,8 +273,8 @@ def test_64bit_offsets_past_2_31_elements():
 @pytest.mark.parametrize("d", [64, 128])
 def test_paper_regimes_take_the_one_launch_backward(d, dtype):
     """CVR (196 image tokens over 18 words) holds the keys, CLR (18 words over 196 image tokens) the queries."""
-    cvr = fused.plan(196, 18, d, dtype, "reweight", has_mask=True)
-    clr = fused.plan(18, 196, d, dtype, "reweight", has_mask=False)
+    cvr = fused.plan(196, 18, d, dtype, "reweight")
+    clr = fused.plan(18, 196, d, dtype, "reweight")
     assert (cvr.backward, cvr.backward_keys["BLOCK_N"]) == ("keys", 32), cvr
     assert (clr.backward, clr.backward_queries["BLOCK_M"]) == ("queries", 32), clr
 
@@ -424,7 +424,7 @@ def test_gpu_gradients_are_deterministic(shape):
 @pytest.mark.parametrize(("nq", "path", "pattern"), PADDING_CASES)
 def test_gpu_padding_patterns_bf16(nq, path, pattern, mode, small_tiles):
     q, k, v, cond, mask, dout = _padding_inputs(pattern, torch.bfloat16, small_tiles, nq=nq)
-    assert fused.plan(nq, k.shape[2], 16, torch.bfloat16, mode, True).backward == path
+    assert fused.plan(nq, k.shape[2], 16, torch.bfloat16, mode).backward == path
     _assert_padding_case(q, k, v, cond, mask, dout, mode, torch.bfloat16)
 
 
