@@ -378,6 +378,20 @@ def test_ops_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
         conditioned_attention(q, k, v, cond, mask, backend="triton")
 
 
+@pytest.mark.skipif(not _runtime.interpreting(), reason="the interpreter's limit: compiled kernels run bf16")
+def test_bf16_in_the_interpreter_is_refused():
+    """The interpreter has no bfloat16 (its dots returned values around 1e9): an error naming the dtype and
+    the backend. A bf16 cond with fp32 features is computed (no dot takes it)."""
+    q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.bfloat16, padded=True)
+    with pytest.raises(
+        TypeError, match=r"conditioned_attention\(backend='triton'\).*q of dtype torch.bfloat16"
+    ):
+        conditioned_attention(q, k, v, cond, mask, backend="triton")
+    q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.float32, padded=True)
+    got = conditioned_attention(q, k, v, cond.bfloat16(), mask, backend="triton")
+    torch.testing.assert_close(got, conditioned_attention_reference(q, k, v, cond.bfloat16(), mask))
+
+
 # Paper shapes (DESIGN section 5; batch reduced), the ends of the sweep and extreme head dims, on a GPU.
 GPU_SHAPES = {
     "cvr": {"b": 4, "h": 4, "nq": 196, "nk": 18, "d": 128},

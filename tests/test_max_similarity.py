@@ -218,6 +218,21 @@ class _DispatchedOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's limit: compiled kernels run bf16")
+def test_bf16_in_the_interpreter_is_refused():
+    """The interpreter has no bfloat16 (its dots returned S around 1e9): an error naming the dtype and the
+    backend. bf16 weights with fp32 features are computed (no dot takes them)."""
+    inputs, mask = make_inputs(3, 4, 20, 6, 16, torch.bfloat16)
+    with pytest.raises(TypeError, match=r"max_similarity\(backend='triton'\).*img of dtype torch.bfloat16"):
+        reclmis.ops.max_similarity(*inputs, mask, backend="triton")
+    (img, txt, img_weight, txt_weight), mask = make_inputs(3, 4, 20, 6, 16, torch.float32)
+    inputs = [img, txt, img_weight.bfloat16(), txt_weight.bfloat16()]
+    got, want = run_both(inputs, mask, normalize=True)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g.float(), w, atol=TOL[torch.bfloat16][1], rtol=TOL[torch.bfloat16][1])
+
+
 def test_op_dispatches_to_the_kernel():
     inputs, mask = make_inputs(2, 3, 9, 4, 16, torch.float32)
     leaves = [t.requires_grad_() for t in inputs]

@@ -38,17 +38,27 @@ def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
 
 
-def resolve_triton_backend(backend: str, device: torch.device, op: str) -> str:
-    """Map ``backend`` to "reference" or "triton" for a tensor on ``device``.
+def resolve_triton_backend(backend: str, op: str, name: str, t: torch.Tensor) -> str:
+    """Map ``backend`` to "reference" or "triton" for the op's input ``t`` (argument ``name``), whose device
+    and dtype the kernels' dot products take.
 
-    "auto" picks the fused kernel for CUDA tensors when Triton is installed and the reference elsewhere.
-    "triton" on CPU tensors is only meaningful in Triton's interpreter (how CI tests kernels).
+    "auto" picks the fused kernel for CUDA tensors when Triton is installed and can compute t's dtype, and
+    the reference elsewhere. "triton" on CPU tensors runs in Triton's interpreter only (how CI tests
+    kernels), which has no bfloat16: its dots would return garbage, so that is an error.
     """
     check_backend(backend, ("auto", "reference", "triton"))
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _runtime.triton_available() else "reference"
+        if t.device.type != "cuda" or not _runtime.triton_available():
+            return "reference"
+        return "reference" if t.dtype == torch.bfloat16 and _runtime.interpreting() else "triton"
     if backend == "triton":
         if not _runtime.triton_available():
             raise RuntimeError(f"{op}(backend='triton') needs the triton package, which is not installed")
-        _runtime.check_device(device, op)
+        _runtime.check_device(t.device, op)
+        if t.dtype == torch.bfloat16 and _runtime.interpreting():
+            raise TypeError(
+                f"{op}(backend='triton') cannot compute {name} of dtype {t.dtype} in Triton's interpreter "
+                "(TRITON_INTERPRET=1), which has no bfloat16: use backend='reference' or float16/float32 "
+                "here, or the compiled kernels on a GPU"
+            )
     return backend

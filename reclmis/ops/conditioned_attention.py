@@ -99,10 +99,11 @@ def conditioned_attention(
     runs the torch.library ops ``torch.ops.reclmis.conditioned_attention_forward`` / ``_backward``
     (traceable by torch.compile with fullgraph=True, capturable in CUDA graphs); it computes the dot
     products of fp32 inputs in TF32 on the GPU (about 1e-3 relative error; "reference" keeps full fp32
-    products).
+    products). On CPU tensors "triton" runs in Triton's interpreter (TRITON_INTERPRET=1), which has no
+    bfloat16: bf16 q, k, v are a TypeError there.
     """
     _validate(q, k, v, cond, key_padding_mask, mode, scale)
-    if resolve_triton_backend(backend, q.device, "conditioned_attention") == "reference":
+    if resolve_triton_backend(backend, "conditioned_attention", "q", q) == "reference":
         return conditioned_attention_reference(q, k, v, cond, key_padding_mask, mode=mode, scale=scale)
     from reclmis.kernels.conditioned_attention import conditioned_attention_triton
 

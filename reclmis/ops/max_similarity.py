@@ -80,10 +80,11 @@ def max_similarity(
 
     txt_mask (Bt,L) bool marks valid tokens (True). Differentiable in img, txt and both weights; the
     gradient of a max flows to its argmax. ``backend``: "auto" (Triton on CUDA, reference elsewhere),
-    "reference" or "triton" (never allocates Bi*Bt*N*L elements).
+    "reference" or "triton" (never allocates Bi*Bt*N*L elements; on CPU tensors it runs in Triton's
+    interpreter, TRITON_INTERPRET=1, which has no bfloat16: bf16 img and txt are a TypeError there).
     """
     _validate(img, txt, img_weight, txt_weight, txt_mask)
-    if resolve_triton_backend(backend, img.device, "max_similarity") == "reference":
+    if resolve_triton_backend(backend, "max_similarity", "img", img) == "reference":
         return max_similarity_reference(img, txt, img_weight, txt_weight, txt_mask, normalize=normalize)
     from reclmis.kernels.max_similarity import max_similarity_triton
 
