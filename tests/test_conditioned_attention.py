@@ -378,6 +378,23 @@ def test_ops_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
         conditioned_attention(q, k, v, cond, mask, backend="triton")
 
 
+def test_cond_values_are_checked_in_eager_mode_only():
+    """A negative cond is a ValueError in eager mode; a compiled step reads no value (fullgraph: a host read
+    would break the graph) and computes with it as the reference does."""
+    q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.float32, padded=True)
+    cond[1, 3] = -0.5
+    assert mask[1, 3]
+
+    def attend(q, k, v, cond):
+        return conditioned_attention(q, k, v, cond, mask, mode="scale", backend="triton")
+
+    with pytest.raises(ValueError, match=r"cond must be finite and >= 0; row 1 holds -0\.5 at column 3"):
+        attend(q, k, v, cond)
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, cond)
+    expected = conditioned_attention_reference(q, k, v, cond, mask, mode="scale")
+    torch.testing.assert_close(compiled, expected, atol=FP32_TOL[0], rtol=FP32_TOL[0])
+
+
 @pytest.mark.skipif(not _runtime.interpreting(), reason="the interpreter's limit: compiled kernels run bf16")
 def test_bf16_in_the_interpreter_is_refused():
     """The interpreter has no bfloat16 (its dots returned values around 1e9): an error naming the dtype and
@@ -469,6 +486,23 @@ def test_gpu_forward_backward_replays_in_a_cuda_graph(shape):
     graph.replay()
     for name, got, want in zip(("out", "dq", "dk", "dv", "dcond"), captured, step(), strict=True):
         assert torch.equal(got, want), f"{name} of the replayed graph differs from an eager call"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_public_op_captures_without_reading_cond():
+    """In eager mode the public op reads cond back to check it; under a CUDA graph capture it must not."""
+    q, k, v, cond, mask, _ = _inputs(**GPU_SHAPES["cvr"], dtype=torch.bfloat16, padded=True, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        expected = conditioned_attention(q, k, v, cond, mask, mode="reweight")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = conditioned_attention(q, k, v, cond, mask, mode="reweight")
+    graph.replay()
+    assert torch.equal(captured, expected)
 
 
 @pytest.mark.gpu

@@ -33,6 +33,30 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: to
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
+def checks_values(t: torch.Tensor) -> bool:
+    """Whether the ops read input values back to the host to check them here: in eager mode, not while
+    torch.compile traces the op or a CUDA graph captures work on t's device, where a host read would break
+    the graph or the capture. The rule of every op: value errors in eager mode, never a host sync in a
+    compiled or captured step."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_finite_nonnegative(name: str, t: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    """A ValueError naming ``name`` and the first entry of the 2-D ``t`` (where ``valid``) that is negative,
+    NaN or infinite. Reads ``t`` on the host (one synchronisation for CUDA tensors): call it where
+    ``checks_values``."""
+    bad = ~(torch.isfinite(t) & (t >= 0))
+    if valid is not None:
+        bad &= valid
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be finite and >= 0; row {row} holds {t[row, col].item()} at column {col}"
+        )
+
+
 def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
     if backend not in allowed:
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
