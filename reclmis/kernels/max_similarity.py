@@ -38,6 +38,10 @@ a fixed order, so two backward passes agree bitwise. The image-side program owns
 tokens and a block of channels and loops over the texts; the text-side program owns a tile of texts and a
 block of channels and loops over (a group of) the images, reading each image block once for all its texts.
 
+NaN propagates as in the reference: the forward ranks NaN above every value in its maxima (torch.amax's
+rule; tl.max skips NaN), so S is NaN wherever a NaN takes part in a maximum or a sum. In the backward a
+NaN spreads over no more gradients than the reference's (whose amax backward spreads it over whole rows).
+
 The two passes are the torch.library custom ops ``reclmis::max_similarity_forward`` and
 ``reclmis::max_similarity_backward`` (with fake kernels and the autograd formula), so torch.compile traces
 them, and CUDA graphs capture them, whole.
@@ -62,6 +66,27 @@ PICK_CHUNK = 16  # text tokens compared with a block of image tokens at a time (
 
 
 @triton.jit
+def _inverse_norm(sumsq, eps):
+    """r = 1 / max(||x||, eps) from sum(x^2), NaN for a NaN norm (as F.normalize's clamp; tl.maximum's
+    default may return eps there)."""
+    return 1.0 / tl.maximum(tl.sqrt(sumsq), eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_on_top(x):
+    """x with NaN raised to +inf, the order in which torch.amax takes maxima (a NaN wins); tl.max itself
+    skips NaN. ``_top_as_nan`` reads such a maximum back."""
+    return tl.where(x != x, float("inf"), x)
+
+
+@triton.jit
+def _top_as_nan(x):
+    """A maximum of ``_nan_on_top`` values: +inf is a NaN (or a +inf, which needs infinite or overflowing
+    inputs; it reads as NaN as well)."""
+    return tl.where(x == float("inf"), float("nan"), x)
+
+
+@triton.jit
 def _max_similarity_forward_norm_kernel(
     x_ptr, r_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
 ):
@@ -73,7 +98,7 @@ def _max_similarity_forward_norm_kernel(
         mask = (rows < R)[:, None] & (c0 + offs_c < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * C + c0 + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
         sumsq += tl.sum(x * x, axis=1)
-    tl.store(r_ptr + rows, 1.0 / tl.maximum(tl.sqrt(sumsq), eps), mask=rows < R)
+    tl.store(r_ptr + rows, _inverse_norm(sumsq, eps), mask=rows < R)
 
 
 @triton.jit
@@ -103,7 +128,7 @@ def _max_similarity_forward_kernel(
             for c0 in range(0, C, BLOCK_C):
                 x = tl.load(img_ptrs + c0, mask=row_in[:, None] & (c0 + offs_c < C)[None, :], other=0.0)
                 sumsq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
-        r_i = 1.0 / tl.maximum(tl.sqrt(sumsq), eps)
+        r_i = _inverse_norm(sumsq, eps)
         tl.store(img_r_ptr + rows, r_i, mask=row_in)
     first_img = (k * BLOCK_N) // N
     n_imgs = (tl.minimum(k * BLOCK_N + BLOCK_N, R_img) - 1) // N - first_img + 1
@@ -125,6 +150,7 @@ def _max_similarity_forward_kernel(
         if NORMALIZE:
             r_t = tl.load(txt_r_ptr + trows, mask=valid, other=0.0)
             sim = sim * r_i[:, None] * r_t[None, :]
+        sim = _nan_on_top(sim)  # maxima below and in the combine kernel: NaN propagates as in torch.amax
         # Eq. 5, partial: each text token's best token among this block's tokens of each image.
         for s in range(0, n_imgs):
             a = first_img + s
@@ -145,7 +171,7 @@ def _max_similarity_forward_kernel(
                 arg = tl.where(better, arg, open_arg)
             if t * L + L <= t0 + BLOCK_L:
                 found = best > float("-inf")
-                tl.store(row_max_ptr + out_rows + t * N, tl.where(found, best, 0.0), mask=row_in)
+                tl.store(row_max_ptr + out_rows + t * N, tl.where(found, _top_as_nan(best), 0.0), mask=row_in)
                 jr = tl.where(found, arg, -1).to(row_arg_ptr.dtype.element_ty)
                 tl.store(row_arg_ptr + out_rows + t * N, jr, mask=row_in)
             else:
@@ -175,7 +201,7 @@ def _max_similarity_forward_combine_kernel(
         better = blk_max > best
         best = tl.where(better, blk_max, best)
         arg = tl.where(better, blk_arg, arg)
-    col = tl.where(valid, best, 0.0)
+    col = tl.where(valid, _top_as_nan(best), 0.0)
     tl.store(col_max_ptr + pair * L + offs_l, col, mask=offs_l < L)
     tl.store(col_arg_ptr + pair * L + offs_l, tl.where(valid, arg, -1), mask=offs_l < L)
     w_t = tl.load(txt_w_ptr + b * L + offs_l, mask=valid, other=0.0).to(tl.float32)
@@ -381,7 +407,8 @@ def _max_similarity_backward_txt_kernel(
                 picked = tl.gather(
                     v, tl.broadcast_to(tl.where(here, ic - n0, 0)[:, None], (BLOCK_L, BLOCK_C)), 0
                 )
-                upd = g * (upd + w_t[:, None] * picked)
+                picked = tl.where(here[:, None], w_t[:, None] * picked, 0.0)  # not * 0: a NaN stays put
+                upd = g * (upd + picked)
                 d_hat += tl.where((offs_t == u)[:, None, None], upd[None, :, :], 0.0)
         img_ptr += N * C
     texts = (tile * TEXTS + offs_t).to(tl.int64)

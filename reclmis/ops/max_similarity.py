@@ -27,19 +27,20 @@ def max_similarity_reference(
     *,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch oracle: materialises the (Bi, Bt, N, L) similarity tensor, in fp32."""
-    img, txt = img.float(), txt.float()
-    if normalize:
-        img, txt = F.normalize(img, dim=-1, eps=NORM_EPS), F.normalize(txt, dim=-1, eps=NORM_EPS)
+    """Plain PyTorch oracle: materialises the (Bi, Bt, N, L) similarity tensor, in fp32. A NaN propagates
+    to every maximum and sum it takes part in (torch.amax's rule); padded tokens take part in none."""
     if txt_mask is None:
         txt_mask = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
+    img, txt = img.float(), txt.float().masked_fill(~txt_mask[..., None], 0.0)
+    if normalize:
+        img, txt = F.normalize(img, dim=-1, eps=NORM_EPS), F.normalize(txt, dim=-1, eps=NORM_EPS)
     sim = torch.einsum("anc,blc->abnl", img, txt)  # (Bi, Bt, N, L)
     valid = txt_mask[None, :, None, :]  # (1, Bt, 1, L)
     img_to_txt = sim.masked_fill(~valid, float("-inf")).amax(dim=-1)  # (Bi, Bt, N): max over tokens
     img_to_txt = img_to_txt.masked_fill(~txt_mask.any(-1)[None, :, None], 0.0)
     txt_to_img = sim.amax(dim=-2).masked_fill(~txt_mask[None], 0.0)  # (Bi, Bt, L): max over patches
     s_img = torch.einsum("abn,an->ab", img_to_txt, img_weight.float())
-    s_txt = torch.einsum("abl,bl->ab", txt_to_img, txt_weight.float())
+    s_txt = torch.einsum("abl,bl->ab", txt_to_img, txt_weight.float().masked_fill(~txt_mask, 0.0))
     return 0.5 * (s_img + s_txt)
 
 
