@@ -26,8 +26,9 @@ Backward: a (query block, key block) tile recomputes S and P, computes dP and dS
 dv from them: five dots per tile. When one side fits a tile (the keys in the CVR, the queries in the CLR), a
 single launch with one program per (b, h) holds that side and streams the other, reading q, k, v, O, dO and
 cond once. The streamed side runs in blocks of BLOCK rows and then TAIL = 16 rows, so at most 15 padded
-rows are computed. When both sides are long, a dq kernel (queries held) and a dk/dv kernel (keys held) split
-the work. Eq. 5's sum over heads reads a per-head buffer in a fixed order: deterministic, no atomics.
+rows are computed. When both sides are long, the queries kernel (queries held: delta and dq) and the keys
+kernel (keys held: dk, dv and dcond) split the work. Eq. 5's sum over heads reads a per-head buffer in a
+fixed order: deterministic, no atomics.
 
 fp32 inputs run their dots on tensor cores in TF32 (operands rounded to 10 mantissa bits, fp32 accumulation;
 about 1e-3 relative error, see the GPU tolerances in tests/test_conditioned_attention.py).
@@ -478,19 +479,20 @@ def conditioned_attention_backward(
     general = launch.backward == "general"
     delta = torch.empty_like(lse) if general else None  # rowsum(dO * O), (B, H, Nq), for the keys kernel
     cond, mask = _per_key(cond, key_padding_mask)
-    layouts = (_strides(q), _strides(k), _strides(out), _strides(dout), _strides(dk), nq, nk, scale)
+    strides = (_strides(q), _strides(k), _strides(out), _strides(dout), _strides(dk))
     if launch.backward_queries is not None:  # first: in the general path it stores delta for the keys kernel
         grid = (triton.cdiv(nq, launch.backward_queries["BLOCK_M"]), h, b)
-        dkv = (None, None, None) if general else (dk, dv, dcond_per_head)
+        key_grads = (None, None, None) if general else (dk, dv, dcond_per_head)
         _conditioned_attention_backward_queries_kernel[grid](
-            q, k, v, cond, mask, out, dout, lse, delta, dq, *dkv, *layouts, **launch.backward_queries
-        )
+            q, k, v, cond, mask, out, dout, lse, delta, dq, *key_grads, *strides, nq, nk, scale,
+            **launch.backward_queries,
+        )  # fmt: skip
     if launch.backward_keys is not None:
         grid = (triton.cdiv(nk, launch.backward_keys["BLOCK_N"]), h, b)
-        out_and_dq = (None, None) if general else (out, dq)
+        o, o_grad = (None, None) if general else (out, dq)  # without the queries kernel: delta and dq here
         _conditioned_attention_backward_keys_kernel[grid](
-            q, k, v, cond, mask, out_and_dq[0], dout, lse, delta, out_and_dq[1], dk, dv, dcond_per_head,
-            *layouts, **launch.backward_keys,
+            q, k, v, cond, mask, o, dout, lse, delta, o_grad, dk, dv, dcond_per_head, *strides, nq, nk, scale,
+            **launch.backward_keys,
         )  # fmt: skip
     return dq, dk, dv, dcond_per_head.sum(1).to(cond.dtype)
 
