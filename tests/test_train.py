@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_configs
 from reclmis.cli import main
-from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import make_synthetic
 from reclmis.inference import predict
 from reclmis.train import Trainer, load_checkpoint, model_from_checkpoint
@@ -19,14 +19,6 @@ from reclmis.train import Trainer, load_checkpoint, model_from_checkpoint
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("data"), size=32, n_train=24, n_val=8, n_test=8, seed=1)
-
-
-def tiny_configs(**train) -> tuple[RecLMISConfig, TrainConfig]:
-    model = RecLMISConfig.preset(
-        "tiny", image_size=32, base_channels=8, text_width=32, text_layers=1, text_heads=2, vocab_size=300
-    )
-    options = dict(epochs=4, batch_size=8, lr=1e-3, num_workers=0, device="cpu", log_every=2, augment="full")
-    return model, TrainConfig(**(options | train))
 
 
 def test_resume_continues_exactly(synthetic, tmp_path) -> None:
