@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -350,3 +352,19 @@ def test_masked_batch_norm_takes_statistics_in_fp32_for_half_inputs() -> None:
     assert out.dtype == torch.bfloat16 and half.running_mean.dtype == torch.float32
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
     torch.testing.assert_close(half.running_mean, full.running_mean, atol=0.01, rtol=0.01)
+
+
+def test_the_models_own_op_calls_skip_the_eager_value_read(monkeypatch) -> None:
+    """W_poi and W_woi are softmax outputs: the model tells the ops so, and its eager training step never
+    reads a condition back to the host (on a GPU, a synchronisation per call)."""
+    attention_op = importlib.import_module("reclmis.ops.conditioned_attention")  # the module, not the op
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's step read a condition back to the host")
+
+    monkeypatch.setattr(attention_op, "check_finite_nonnegative", refuse)
+    model = make_model().train()
+    model(*make_batch(model)).losses["total"].backward()
+    with pytest.raises(AssertionError, match="read a condition"):  # a direct call is still checked
+        q = torch.randn(1, 1, 3, 16)
+        attention_op.conditioned_attention(q, q, q, torch.rand(1, 3))

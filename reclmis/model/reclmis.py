@@ -191,11 +191,13 @@ class RecLMIS(nn.Module):
             w_woi = text_mask.float() / text_mask.sum(1, keepdim=True).clamp_min(1)
         losses: dict[str, torch.Tensor] = {}
         if self.cvr is not None:
-            masked, _ = weighted_mask(visual, w_poi.detach(), cfg.img_mask_ratio)
+            # the weights are softmax outputs, valid by construction: no eager read-back of them
+            masked, _ = weighted_mask(visual, w_poi.detach(), cfg.img_mask_ratio, check_weights=False)
             v_hat = self.cvr(masked, None, text, w_woi, text_mask)
             losses["t2v"] = weighted_reconstruction_loss(v_hat, *self._targets(visual, w_poi))
         if self.clr is not None:
-            masked, _ = weighted_mask(text, w_woi.detach(), cfg.text_mask_ratio, lengths=text_mask.sum(1))
+            lengths = text_mask.sum(1)
+            masked, _ = weighted_mask(text, w_woi.detach(), cfg.text_mask_ratio, lengths, check_weights=False)
             e_hat = self.clr(masked, text_mask, visual, w_poi, None)
             losses["v2t"] = weighted_reconstruction_loss(e_hat, *self._targets(text, w_woi), text_mask)
         if self.logit_scale is not None:

@@ -108,6 +108,7 @@ def conditioned_attention(
     mode: str = "scale",
     scale: float | None = None,
     backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Attention of q (B,H,Nq,D) over k, v (B,H,Nk,D) with per-key condition cond (B,Nk) >= 0.
 
@@ -126,9 +127,11 @@ def conditioned_attention(
     CUDA tensors). While torch.compile traces the op or a CUDA graph captures it, cond is not read (no
     host sync inside a compiled or captured step, the rule weighted_mask follows too): a negative cond then
     flips the sign of its key's logits ("scale") or gives NaN rows ("reweight"), and a NaN gives NaN.
+    ``check_values=False`` skips that read for a caller whose cond is valid by construction (the model's
+    softmax weights W_poi and W_woi), so that its eager training step never waits for the GPU either.
     """
     _validate(q, k, v, cond, key_padding_mask, mode, scale)
-    if checks_values(cond):
+    if check_values and checks_values(cond):
         check_finite_nonnegative("cond", cond, key_padding_mask)
     if resolve_triton_backend(backend, "conditioned_attention", "q", q) == "reference":
         return conditioned_attention_reference(q, k, v, cond, key_padding_mask, mode=mode, scale=scale)

@@ -207,13 +207,13 @@ def weighted_mask(
     the host. While torch.compile traces the op or a CUDA graph captures it, no host sync is allowed: the
     CUDA kernel and the reference then clamp such a length to [0, T] and count such a weight as zero (the
     CPU kernel still raises, which costs no sync). ``check_weights`` overrides the CUDA kernel's check:
-    False never syncs (not even in eager mode), True always reads the flags back (refused inside a CUDA
-    graph capture); None (default) checks in eager mode only, or also inside compiled steps with the
+    False never syncs (not even in eager mode; the reference then skips its host checks too), True always
+    reads the flags back (refused inside a CUDA graph capture); None (default) checks in eager mode only, or also inside compiled steps with the
     environment variable RECLMIS_CHECK_WEIGHTS=1, for debugging training runs.
     """
     _validate(x, weight, ratio, lengths)
     if not _use_extension(backend, x.device):
-        if checks_values(x):
+        if check_weights is not False and checks_values(x):
             _validate_lengths(lengths, x.shape[1])
             _validate_weights(weight, lengths)
         return weighted_mask_reference(x, weight, ratio, lengths, seed=seed)
