@@ -120,10 +120,12 @@ def unavailable(impl: str, device: str) -> str | None:
         return f"{what} CUDA; not run on {device}"
     if impl == "triton":
         try:
-            from reclmis.kernels import conditioned_attention as fused
+            from reclmis.kernels import conditioned_attention  # noqa: F401
         except ImportError as e:
             return f"triton unavailable: {e}"
-        if fused.interpreted():
+        from reclmis.kernels import _runtime
+
+        if _runtime.interpreting():
             return "kernels were imported under TRITON_INTERPRET=1"
     return None
 

@@ -17,7 +17,12 @@ with notes moved in the radiological frame, batch 32, drop_last, one epoch per t
 
 Rounds alternate between the implementations, so a change in the machine's load hits each alike; a row
 gives the median and every round's images/s, and the 1-minute load average before and after. With
---max-load the measurement waits (up to --wait-s) for the load average to fall below it. Script mode:
+--max-load the measurement waits (up to --wait-s) for the load average to fall below it.
+
+Then each step of the augmentation alone (op "augmentation_step": blur, the intensity and colour steps,
+the geometry, and all of them), the batched ops (apply_parameters) against the per-sample transform
+(TrainAugmentation.apply, sample after sample) on the same drawn parameters with the other steps neutral:
+the time per batch of each, on --device and on the CPU respectively. Script mode:
 
     python benchmarks/bench_input_pipeline.py --device cpu --threads 1 --max-load 1.5
     python benchmarks/bench_input_pipeline.py --device cuda
@@ -39,16 +44,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from reclmis.config import RecLMISConfig
 from reclmis.data import LViTDataset, TrainAugmentation, make_synthetic
-from reclmis.data.augment import draw_parameters
+from reclmis.data.augment import apply_parameters, draw_parameters
 from reclmis.data.cached import CachedLoader, CachedSplit
 from reclmis.data.note_table import NoteTable
+from reclmis.data.transforms import AugmentParameters
 from reclmis.model import NoteTokenizer
 from reclmis.train.trainer import NoteCollator
 
 try:
-    from benchmarks.common import environment, script_parser, write_results
+    from benchmarks.common import environment, measure, script_parser, write_results
 except ModuleNotFoundError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import environment, script_parser, write_results
+    from common import environment, measure, script_parser, write_results
 
 FRAME = "radiological"
 
@@ -110,6 +116,70 @@ def _pipelines(root: str, image_size: int, batch: int, device: str) -> dict[str,
     return runs
 
 
+STEPS = {
+    "blur": ("blur", "sigma"),
+    "intensity_and_colour": (
+        *("brightness_on", "brightness", "contrast_on", "contrast", "contrast_first"),
+        *("saturation_on", "saturation", "hue_on", "hue"),
+    ),
+    "geometry": ("geometry", "quarter_turns", "flip_dim", "angle"),
+}
+
+
+def step_rows(image_size: int, batch: int, device: str, quick: bool) -> list[dict]:
+    """Each step alone, batched ops against the per-sample transform, on the same parameters."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(batch, 3, 8, 8, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear")
+    images = (images.mul_(255).round_() / 255).to(device)  # 8-bit values, as decoded
+    masks = (images[:, :1] > 0.5).float()
+    host_images, host_masks = images.cpu(), masks.cpu()
+    augmentation = TrainAugmentation(note_frame=FRAME)
+    drawn = [draw_parameters(augmentation, batch, 3, g) for _ in range(4 if quick else 10)]
+    neutral = AugmentParameters.neutral(batch, 3)
+    rows = []
+    for step in [*STEPS, "all"]:
+        kept = {f for names in STEPS.values() for f in names} if step == "all" else set(STEPS[step])
+        parameters = [
+            p.replace(**{f: getattr(neutral, f) for names in STEPS.values() for f in names if f not in kept})
+            for p in drawn
+        ]
+        cycle = iter(range(10**9))
+
+        def batched(parameters=parameters, cycle=cycle) -> None:
+            apply_parameters(images, masks, parameters[next(cycle) % len(parameters)], augmentation)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def per_sample(parameters=parameters, cycle=cycle) -> None:
+            p = parameters[next(cycle) % len(parameters)]
+            for i in range(batch):
+                augmentation.apply(host_images[i], host_masks[i], None, p.select(i))
+
+        reps = len(parameters)
+        timings = {
+            "batched_ops": measure(batched, device, warmup=2, reps=reps),
+            "per_sample": measure(per_sample, "cpu", warmup=2, reps=reps),
+        }
+        for impl, timing in timings.items():
+            rows.append(
+                {
+                    "op": "augmentation_step",
+                    "impl": impl,
+                    "pass": step,
+                    "dtype": "float32",
+                    "shape": {"image_size": image_size, "batch": batch, "channels": 3},
+                    "device": device if impl == "batched_ops" else "cpu",
+                    **timing,
+                    "images_per_s": 1e3 * batch / timing["median_ms"],
+                    "speedup_vs_per_sample": timings["per_sample"]["median_ms"] / timing["median_ms"],
+                    "threads": torch.get_num_threads(),
+                    "load_avg_1m": os.getloadavg()[0],
+                }
+            )
+    return rows
+
+
 def _wait_for_load(max_load: float | None, wait_s: float) -> None:
     if max_load is None:
         return
@@ -167,7 +237,7 @@ def run(
                 **load,
             }
         )
-    return rows
+    return rows + step_rows(image_size, batch, device, quick)
 
 
 @pytest.mark.parametrize("impl", ["dataloader", "cached_batched", "cached_batched_host"])
@@ -199,10 +269,16 @@ def main() -> None:
         rounds=args.rounds, max_load=args.max_load, wait_s=args.wait_s,
     )  # fmt: skip
     for row in rows:
-        print(
-            f"{row['impl']:<26} {row['images_per_s']:9.1f} images/s  x{row['speedup_vs_dataloader']:6.2f} vs "
-            f"dataloader  (load {row['load_avg_1m_before']:.2f} -> {row['load_avg_1m_after']:.2f})"
-        )
+        if row["op"] == "input_pipeline":
+            print(
+                f"{row['impl']:<26} {row['images_per_s']:9.1f} images/s  x{row['speedup_vs_dataloader']:6.2f} vs "
+                f"dataloader  (load {row['load_avg_1m_before']:.2f} -> {row['load_avg_1m_after']:.2f})"
+            )
+        else:
+            print(
+                f"{row['pass']:<22} {row['impl']:<12} {row['median_ms']:8.2f} ms/batch  "
+                f"x{row['speedup_vs_per_sample']:5.2f} vs per sample"
+            )
     payload: dict[str, Any] = {"environment": environment(args.device), "rows": rows}
     path = write_results(f"input_pipeline_{args.device}", payload, args.out)
     print(f"wrote {path}")

@@ -90,10 +90,12 @@ def unavailable(impl: str, device: str) -> str | None:
         return f"{impl} is timed on CUDA only (in fp32 on CPU it is the reference)"
     if impl.startswith("triton"):
         try:
-            from reclmis.kernels import max_similarity as fused
+            from reclmis.kernels import max_similarity  # noqa: F401
         except ImportError as e:
             return f"triton unavailable: {e}"
-        if fused.interpreted():
+        from reclmis.kernels import _runtime
+
+        if _runtime.interpreting():
             return "kernels were imported under TRITON_INTERPRET=1"
     return None
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, as one command (see the README's Performance section):
+# Everything a lent GPU machine should run, as one command (see docs/performance.md):
 # build the CUDA extension, run the GPU tests (compiled Triton kernels, CUDA masking, CUDA graphs, bf16), then
 # the full performance report and its charts, then the model's training and inference eager and compiled
 # (torch.compile "reduce-overhead": CUDA graphs) side by side with the reference row. Results go to $OUT (the

@@ -29,8 +29,8 @@ wm::WeightType weight_type(at::ScalarType type) {
 }
 
 // Bad weights and lengths are recorded per row on the device. Reading them back costs a host sync, so it
-// happens only when check_weights is set (reclmis.ops.weighted_mask turns it on with RECLMIS_CHECK_WEIGHTS=1),
-// and never while a CUDA graph is being captured; otherwise the kernel treats an invalid weight as zero and
+// happens only when check_weights is set (reclmis.ops.weighted_mask sets it in eager mode, or always with
+// RECLMIS_CHECK_WEIGHTS=1), and never while a CUDA graph is being captured; otherwise the kernel treats an invalid weight as zero and
 // clamps an out-of-range length. The seed stays on the device: the kernel reads it, so a captured launch
 // takes the seed of each replay.
 std::tuple<at::Tensor, at::Tensor> weighted_mask_cuda(const at::Tensor& x, const at::Tensor& weight, double ratio,

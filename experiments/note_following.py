@@ -1,22 +1,25 @@
 """Does the model read the note? The demo recipe on generated data, evaluated on the test split and on its
 counterfactual copy (same images, notes and masks naming other lesions), for these variants:
 
-- reclmis:           the default model (CI with residual connections) and the recipe (augment: full, the
-                     notes' positional words moved with every flip and turn; the auxiliary losses at a
-                     hundredth of the official weights);
+- reclmis:           the recipe as it is (the default model; augment: full, the notes' positional words
+                     moved with every flip and turn; the auxiliary losses at a hundredth of the official
+                     weights);
+- gated:             the gated text injection (interaction_injection: gated, the default);
+- gated_minilm:      the same with the frozen pretrained all-MiniLM-L6-v2 as text encoder;
+- residual:          CI's residual injection (interaction_injection: residual, the default before the gated);
 - photometric:       blur and colour augmentation only (no flips or rotations);
 - official_aug:      the official augmentation: flips and rotations that leave the note as it is;
-- gate:              the gated text injection in CI (interaction_gate);
+- gate:              the note gate in CI (interaction_gate; needs the residual injection);
 - norm:              each CI attention's output layer-normalised before the residual sum (interaction_norm);
 - no_ccl:            without the contrastive loss L_CCL (paper Table III);
 - no_aux:            CI alone: without L_CCL and both reconstructions (CVR, CLR);
 - aux_tenth:         the three auxiliary losses (CVR, CLR, L_CCL) at a tenth of the official weights;
-- aux_hundredth:     at a hundredth (the recipe's own weights since commit 33e1efa);
-- official_weights:  at the official weights (the recipe before 33e1efa);
+- aux_hundredth:     at a hundredth (the recipe's own weights);
+- official_weights:  at the official weights (the model's default and the paper recipes');
 - same_note_negatives: the official contrastive loss, whose negatives include pairs of images with the same
                      note;
-- official_ci:       CI exactly as the official code (no residual connections: the note reaches the decoder
-                     only through attention patterns);
+- official_ci:       CI exactly as the official code (interaction_injection: official, no residual sums: the
+                     note reaches the decoder only through attention patterns);
 - official_causal:   the reconstructors with the official code's causal mask;
 - single_cosine:     one cosine annealing over the 40 epochs (down to 1e-6) in place of the default, official
                      warm restarts every 10 epochs down to 1e-4;
@@ -28,9 +31,9 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 A model that follows the note scores about the same on both splits; one that ignores it cannot, because the
 counterfactual masks cover other lesions of the same pictures. Each row also holds the test split scored
 with shuffled notes (another image's) and with one constant note (``reclmis evaluate --notes``): a model
-that reads its note loses Dice there. Rows keep the validation Dice of every epoch too: at the official
-auxiliary weights a model learned to read its note in a sudden jump (from the image-only plateau near 60 to
-about 80 within a few epochs), late or not at all within the budget.
+that reads its note loses Dice there. Rows keep the validation Dice of every epoch too, which shows when a
+model starts reading its note (a jump from the image-only plateau). The tables of
+docs/experiments/note_following.md are generated from these results files (experiments/tables.py).
 
     python experiments/note_following.py --out experiments/results/note_following_cpu.json
     python experiments/note_following.py --threads 1 --variants gate --out /tmp/gate.json   # one variant alone
@@ -56,7 +59,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import auxiliary_weights, environment, gather_rows, write_study
+from experiments.common import (
+    MINILM,
+    RESIDUAL,
+    auxiliary_weights,
+    environment,
+    gather_rows,
+    with_text_encoder,
+    write_study,
+)
 from reclmis.config import load_recipe
 from reclmis.data import make_synthetic
 from reclmis.data.note_probe import NOTE_PROBES
@@ -66,9 +77,16 @@ from reclmis.train import Trainer, model_from_checkpoint
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic_tiny.yaml"
 VARIANTS = {  # changes to the recipe's model and train sections
     "reclmis": {},
+    "gated": {"model": {"interaction_injection": "gated"}},
+    "gated_minilm": {"model": {"text_encoder": MINILM, "max_text_len": 28}},  # its tokenizer's notes: <= 25
+    "zero_init": {"model": {"interaction_injection": "zero_init"}},
+    "zero_init_minilm": {
+        "model": {"interaction_injection": "zero_init", "text_encoder": MINILM, "max_text_len": 28}
+    },
+    "residual": {"model": RESIDUAL},
     "photometric": {"train": {"augment": "photometric"}},
     "official_aug": {"train": {"augment": "official"}},
-    "gate": {"model": {"interaction_gate": True}},
+    "gate": {"model": RESIDUAL | {"interaction_gate": True}},
     "norm": {"model": {"interaction_norm": True}},
     "no_ccl": {"model": {"use_ccl": False}},
     "no_aux": {"model": {"use_ccl": False, "use_cvr": False, "use_clr": False}},
@@ -76,7 +94,7 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "aux_hundredth": {"model": {"loss_weights": auxiliary_weights(100)}},
     "official_weights": {"model": {"loss_weights": auxiliary_weights()}},
     "same_note_negatives": {"model": {"ccl_exclude_same_notes": False}},
-    "official_ci": {"model": {"interaction_residual": False}},
+    "official_ci": {"model": {"interaction_injection": "official"}},
     "official_causal": {"model": {"recon_causal": True}},
     "single_cosine": {"train": {"scheduler": "cosine", "min_lr": 1e-6}},
     "no_text": {"model": {"use_text": False}},
@@ -95,7 +113,7 @@ def run(work: Path, seed: int, variants: list[str]) -> list[dict]:
     for name in variants:
         out = work / name
         changes = VARIANTS[name]
-        model_cfg = model_config.replace(**changes.get("model", {}))
+        model_cfg = model_config.replace(**with_text_encoder(changes.get("model", {})))
         train_cfg = dataclasses.replace(train_config, **changes.get("train", {}))
         start = time.perf_counter()
         Trainer(model_cfg, train_cfg, data, out, progress=False).fit()

@@ -15,6 +15,12 @@ from typing import Any
 import yaml
 
 AUGMENTATIONS = ("full", "official", "photometric", "none")
+INJECTIONS = (
+    "gated",
+    "zero_init",
+    "residual",
+    "official",
+)  # interaction_injection (reclmis.model.interaction)
 # the frames a note's sides are stated in (reclmis.data.note_geometry)
 NOTE_FRAMES = ("image", "radiological", "axial")
 
@@ -59,25 +65,30 @@ class RecLMISConfig:
     image_size: int = 224
     in_channels: int = 3
     base_channels: int = 64  # c: the U-Net runs c, 2c, 4c, 8c, 8c; visual tokens have width 8c
-    # CLIP-style text tower (transformers.CLIPTextModel); ignored when text_encoder names a local directory
     max_text_len: int = 18  # L: tokens per note, padding included (18 QaTa/MosMed, 10 MoNuSeg)
+    # the text tower trained from scratch (ignored when text_encoder names a pretrained model)
     vocab_size: int = 4096  # size of the BPE tokenizer trained on the notes
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
-    text_encoder: str | None = None  # local Hugging Face directory with a CLIP text model and tokenizer
-    freeze_text_encoder: bool = True  # applies to a loaded (pretrained) text encoder only
+    # a pretrained Hugging Face text model and its tokenizer: a local directory or a hub id (CLIP text towers,
+    # the BERT family, models with their own code behind trust_remote_code); None: a CLIP-style tower sized
+    # by text_width/text_layers/text_heads, trained from scratch with a BPE tokenizer fitted on the notes
+    text_encoder: str | None = None
+    freeze_text_encoder: bool = True  # applies to a pretrained text encoder only
+    trust_remote_code: bool = False  # let a pretrained text encoder run the code it ships (CXR-BERT)
     interaction_heads: int = 4
-    # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
-    # official code, where the note reaches the decoder only through attention patterns (see README)
-    interaction_residual: bool = True
-    # gated text injection in CI: V' = g * V + MHA(V, E') with g = 2 sigmoid(Linear(MHA(V, E'))) per patch and
-    # channel, zero-initialised (g = 1: the ungated model at the start), so the note can also scale visual
-    # features down, e.g. a lesion it does not name; off = the paper's sum
+    # how the note enters the decoder (reclmis.model.interaction): "gated", the stage-4 features plus CI's
+    # image attention through a per-channel tanh gate initialised at 0 (the image-only network at
+    # initialisation); "residual", CI's visual output V' = V + MHA(V, E'); "official", the official module
+    # without residual sums (docs/differences.md)
+    interaction_injection: str = "gated"
+    # the note also scales the visual tokens in the residual form: V' = g * V + MHA(V, E'), with
+    # g = 2 sigmoid(Linear(MHA(V, E'))) per patch and channel, zero-initialised (g = 1 at the start)
     interaction_gate: bool = False
     # LayerNorm on each CI attention's output before it is added: E' = E + LN(MHA(E, V)),
-    # V' = V + LN(MHA(V, E')). Without it nothing bounds what the attentions add: on MoNuSeg MHA(V, E') grows
-    # to 4-1500x V's RMS (benchmarks/results/monuseg_diagnosis_cpu.json); off = the paper's sum
+    # V' = V + LN(MHA(V, E')), which bounds what the attentions add to E and V whatever scale their weights
+    # reach (docs/differences.md); off = the paper's sum
     interaction_norm: bool = False
     # each reconstructor (CVR, CLR): a memory stack encoding the condition source, then a reconstruction
     # stack rebuilding the masked tokens (the official DualTransformer: 3 + 3, 4 + 4 in the QaTa recipe)
@@ -86,7 +97,7 @@ class RecLMISConfig:
     recon_heads: int = 4
     recon_dropout: float = 0.1
     # the official causal mask in the reconstructors' self-attentions (token i attends to tokens <= i, in
-    # raster order for the image); off by default (see README)
+    # raster order for the image); off by default (docs/differences.md)
     recon_causal: bool = False
     attention_mode: str = "reweight"  # "reweight" (official code) or "scale" (literal Eq. 7)
     # dropout on V' and E' before the W_poi / W_woi heads, in training (official: 0.5 MosMed and MoNuSeg)
@@ -155,9 +166,13 @@ class RecLMISConfig:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.recon_layers < 1 and (self.use_cvr or self.use_clr):
             raise ValueError("recon_layers must be at least 1 while use_cvr or use_clr is on")
-        if self.interaction_gate and not self.interaction_residual:
+        if self.interaction_injection not in INJECTIONS:
             raise ValueError(
-                "interaction_gate scales CI's residual visual tokens: it needs interaction_residual"
+                f"interaction_injection must be one of {INJECTIONS}, got {self.interaction_injection!r}"
+            )
+        if self.interaction_gate and self.interaction_injection != "residual":
+            raise ValueError(
+                "interaction_gate scales CI's residual visual tokens: it needs interaction_injection='residual'"
             )
         if not self.dice_smooth > 0:
             raise ValueError(f"dice_smooth must be positive, got {self.dice_smooth}")
@@ -255,9 +270,13 @@ class TrainConfig:
     # gathered into pinned memory for a GPU) or "cuda" (the training GPU)
     cache_images: bool = True
     cache_device: str = "cpu"
-    # torch.compile the model (off until measured: README, Performance). compile_mode "auto" is
-    # "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on CUDA and
-    # the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick check)
+    # features of a frozen pretrained text encoder kept per distinct tokenised note (so the tower runs once
+    # per note, not once per step): at most this many notes on the model's device; 0 runs it every step
+    text_cache_size: int = 8192
+    # torch.compile the model (off by default until measured on a GPU: docs/performance.md). compile_mode
+    # "auto" is "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on
+    # CUDA and the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick
+    # check)
     compile: bool = False
     compile_mode: str = "auto"
     compile_backend: str = "inductor"
@@ -278,7 +297,7 @@ class TrainConfig:
             raise ValueError(
                 f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
             )
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -295,6 +314,13 @@ class TrainConfig:
             raise ValueError(f"restart_epochs must be at least 1, got {self.restart_epochs}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        for name in ("num_workers", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.text_cache_size < 0:
+            raise ValueError(
+                f"text_cache_size must be non-negative (0 disables the cache), got {self.text_cache_size}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
 

@@ -9,7 +9,6 @@ ops then run their PyTorch references).
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,9 @@ def triton_info(cuda_available: bool) -> dict[str, Any]:
         import triton
     except ImportError as error:
         return {"version": None, "mode": "not run", "why": f"triton does not import ({error})"}
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from reclmis.kernels import _runtime
+
+    if _runtime.interpreting():
         why = "TRITON_INTERPRET=1 runs them in Triton's CPU interpreter (slow; how the tests run them)"
         return {"version": triton.__version__, "mode": "interpreted", "why": why}
     if cuda_available:

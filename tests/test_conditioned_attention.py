@@ -15,10 +15,11 @@ import torch
 pytest.importorskip("triton", reason="the fused conditioned attention needs the triton package")
 
 import reclmis.kernels.conditioned_attention as fused
+from reclmis.kernels import _runtime
 from reclmis.ops import conditioned_attention, conditioned_attention_reference
 from reclmis.ops.conditioned_attention import HEAD_DIMS, REWEIGHT_EPS
 
-if fused.interpreted():
+if _runtime.interpreting():
     DEVICE = "cpu"
 elif torch.cuda.is_available():
     DEVICE = "cuda"
@@ -29,7 +30,7 @@ else:
     )
 
 gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or fused.interpreted(),
+    not torch.cuda.is_available() or _runtime.interpreting(),
     reason="needs CUDA and compiled kernels: run `TRITON_INTERPRET=0 pytest -m gpu` on a CUDA machine",
 )
 
@@ -38,7 +39,7 @@ gpu = pytest.mark.skipif(
 # TF32 emulated in the interpreter (operands truncated) at the GPU shapes below needs 1.9e-3 forward and
 # 1.5e-2 for the gradients (dcond, a sum over heads and queries): TF32_TOL leaves a margin of 2.5x and 2x.
 TF32_TOL = (5e-3, 3e-2)
-FP32_TOL = (1e-5, 1e-5) if fused.interpreted() else TF32_TOL
+FP32_TOL = (1e-5, 1e-5) if _runtime.interpreting() else TF32_TOL
 TOLERANCES = {torch.float32: FP32_TOL, torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}
 
 # Short keys (CVR: one key tile, several query blocks), long keys (CLR: queries in one tile, key blocks) at
@@ -114,15 +115,17 @@ def test_matches_reference(regime, padded, mode, dtype, request):
     if regime == "general":
         request.getfixturevalue("small_tiles")
     q, k, v, cond, mask, dout = _inputs(**shape, dtype=dtype, padded=padded)
-    launch = fused.plan(shape["nq"], shape["nk"], shape["d"], dtype, mode, padded)
+    launch = fused.plan(shape["nq"], shape["nk"], shape["d"], dtype, mode)
     assert launch.backward == PATH[regime], launch
     forward = launch.forward
     assert (shape["nq"] > forward["BLOCK_M"]) == (regime != "long"), forward  # several query blocks
     assert (shape["nk"] > 2 * forward["BLOCK_N"]) == (regime != "short"), forward  # several key blocks
-    for side in (launch.bwd_q, launch.bwd_kv):  # streamed side: full blocks and a 16-row tail
-        if side is not None:
-            streamed, block = ("nk", side["BLOCK_N"]) if side is launch.bwd_q else ("nq", side["BLOCK_M"])
-            assert shape[streamed] > block and shape[streamed] % block > 0, side
+    for side, streamed, block in (
+        (launch.backward_queries, "nk", "BLOCK_N"),
+        (launch.backward_keys, "nq", "BLOCK_M"),
+    ):
+        if side is not None:  # streamed side: full blocks and a 16-row tail
+            assert shape[streamed] > side[block] and shape[streamed] % side[block] > 0, side
     _assert_matches(*_fused_and_reference(q, k, v, cond, mask, dout, mode), dtype)
 
 
@@ -179,7 +182,7 @@ PADDING_CASES = [(5, "queries", p) for p in PATTERNS] + [(21, "general", p) for 
 def test_padding_patterns(nq, path, pattern, mode, dtype, small_tiles):
     tile = small_tiles
     q, k, v, cond, mask, dout = _padding_inputs(pattern, dtype, tile, nq=nq)
-    launch = fused.plan(nq, k.shape[2], 16, dtype, mode, True)
+    launch = fused.plan(nq, k.shape[2], 16, dtype, mode)
     assert launch.backward == path and launch.forward["BLOCK_N"] == tile, launch
     _assert_padding_case(q, k, v, cond, mask, dout, mode, dtype)
 
@@ -192,7 +195,7 @@ def test_leading_padded_key_block_at_default_tiles():
     )
     cond = torch.full((1, 192), 1e-8, device=DEVICE)
     mask = (torch.arange(192) >= 64)[None].to(DEVICE)
-    assert fused.plan(4, 192, 16, torch.float16, "reweight", True).forward["BLOCK_N"] == 64
+    assert fused.plan(4, 192, 16, torch.float16, "reweight").forward["BLOCK_N"] == 64
     _assert_padding_case(q, k, v, cond, mask, dout, "reweight", torch.float16)
 
 
@@ -270,10 +273,13 @@ def test_64bit_offsets_past_2_31_elements():
 @pytest.mark.parametrize("d", [64, 128])
 def test_paper_regimes_take_the_one_launch_backward(d, dtype):
     """CVR (196 image tokens over 18 words) holds the keys, CLR (18 words over 196 image tokens) the queries."""
-    cvr = fused.plan(196, 18, d, dtype, "reweight", has_mask=True)
-    clr = fused.plan(18, 196, d, dtype, "reweight", has_mask=False)
-    assert (cvr.backward, cvr.bwd_kv["BLOCK_N"]) == ("keys", 32), cvr
-    assert (clr.backward, clr.bwd_q["BLOCK_M"]) == ("queries", 32), clr
+    cvr = fused.plan(196, 18, d, dtype, "reweight")
+    clr = fused.plan(18, 196, d, dtype, "reweight")
+    assert (cvr.backward, cvr.backward_keys["BLOCK_N"]) == ("keys", 32), cvr
+    assert (clr.backward, clr.backward_queries["BLOCK_M"]) == ("queries", 32), clr
+
+
+FUSED_KERNELS = ("forward", "backward_queries", "backward_keys")
 
 
 class _CountLaunches:
@@ -293,16 +299,13 @@ class _CountLaunches:
 @pytest.mark.parametrize("regime", ["short", "long", "general"])
 def test_kernel_launches_per_call(regime, small_tiles, monkeypatch):
     launches = []
-    for name in ("_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"):
+    forward, queries, keys = (f"_conditioned_attention_{name}_kernel" for name in FUSED_KERNELS)
+    for name in (forward, queries, keys):
         monkeypatch.setattr(fused, name, _CountLaunches(getattr(fused, name), launches))
     shape = {"short": {**SHORT, "nk": 13}, "long": {**LONG, "nk": 40}, "general": GENERAL}[regime]
     q, k, v, cond, mask, dout = _inputs(**{**shape, "d": 16}, dtype=torch.float32, padded=True)
     _fused_and_reference(q, k, v, cond, mask, dout, "scale")
-    expected = {
-        "short": ["_fwd_kernel", "_bwd_kv_kernel"],
-        "long": ["_fwd_kernel", "_bwd_q_kernel"],
-        "general": ["_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"],
-    }
+    expected = {"short": [forward, keys], "long": [forward, queries], "general": [forward, queries, keys]}
     assert launches == expected[regime]
 
 
@@ -312,10 +315,10 @@ def test_registered_ops_pass_opcheck(padded):
     q, k, v, cond, mask, dout = _inputs(2, 2, 9, 20, 16, torch.float32, padded=padded)
     leaves = [t.requires_grad_() for t in (q, k, v, cond)]
     args = (*leaves, mask, "reweight", 0.25)
-    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_fwd.default, args)
-    out, lse = (t.detach() for t in torch.ops.reclmis.conditioned_attention_fwd(*args))
+    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_forward.default, args)
+    out, lse = (t.detach() for t in torch.ops.reclmis.conditioned_attention_forward(*args))
     bwd_args = (dout, *(t.detach() for t in leaves), mask, out, lse, "reweight", 0.25)
-    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.reclmis.conditioned_attention_backward.default, bwd_args)
 
 
 def test_compiles_without_graph_break():
@@ -369,10 +372,41 @@ def test_ops_backend_triton_runs_the_kernel(monkeypatch):
 
 
 def test_ops_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)  # as if triton had compiled the kernels
     q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.float32, padded=False, device="cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         conditioned_attention(q, k, v, cond, mask, backend="triton")
+
+
+def test_cond_values_are_checked_in_eager_mode_only():
+    """A negative cond is a ValueError in eager mode; a compiled step reads no value (fullgraph: a host read
+    would break the graph) and computes with it as the reference does."""
+    q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.float32, padded=True)
+    cond[1, 3] = -0.5
+    assert mask[1, 3]
+
+    def attend(q, k, v, cond):
+        return conditioned_attention(q, k, v, cond, mask, mode="scale", backend="triton")
+
+    with pytest.raises(ValueError, match=r"cond must be finite and >= 0; row 1 holds -0\.5 at column 3"):
+        attend(q, k, v, cond)
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, cond)
+    expected = conditioned_attention_reference(q, k, v, cond, mask, mode="scale")
+    torch.testing.assert_close(compiled, expected, atol=FP32_TOL[0], rtol=FP32_TOL[0])
+
+
+@pytest.mark.skipif(not _runtime.interpreting(), reason="the interpreter's limit: compiled kernels run bf16")
+def test_bf16_in_the_interpreter_is_refused():
+    """The interpreter has no bfloat16 (its dots returned values around 1e9): an error naming the dtype and
+    the backend. A bf16 cond with fp32 features is computed (no dot takes it)."""
+    q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.bfloat16, padded=True)
+    with pytest.raises(
+        TypeError, match=r"conditioned_attention\(backend='triton'\).*q of dtype torch.bfloat16"
+    ):
+        conditioned_attention(q, k, v, cond, mask, backend="triton")
+    q, k, v, cond, mask, _ = _inputs(**SHORT, dtype=torch.float32, padded=True)
+    got = conditioned_attention(q, k, v, cond.bfloat16(), mask, backend="triton")
+    torch.testing.assert_close(got, conditioned_attention_reference(q, k, v, cond.bfloat16(), mask))
 
 
 # Paper shapes (DESIGN section 5; batch reduced), the ends of the sweep and extreme head dims, on a GPU.
@@ -421,7 +455,7 @@ def test_gpu_gradients_are_deterministic(shape):
 @pytest.mark.parametrize(("nq", "path", "pattern"), PADDING_CASES)
 def test_gpu_padding_patterns_bf16(nq, path, pattern, mode, small_tiles):
     q, k, v, cond, mask, dout = _padding_inputs(pattern, torch.bfloat16, small_tiles, nq=nq)
-    assert fused.plan(nq, k.shape[2], 16, torch.bfloat16, mode, True).backward == path
+    assert fused.plan(nq, k.shape[2], 16, torch.bfloat16, mode).backward == path
     _assert_padding_case(q, k, v, cond, mask, dout, mode, torch.bfloat16)
 
 
@@ -452,6 +486,23 @@ def test_gpu_forward_backward_replays_in_a_cuda_graph(shape):
     graph.replay()
     for name, got, want in zip(("out", "dq", "dk", "dv", "dcond"), captured, step(), strict=True):
         assert torch.equal(got, want), f"{name} of the replayed graph differs from an eager call"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_public_op_captures_without_reading_cond():
+    """In eager mode the public op reads cond back to check it; under a CUDA graph capture it must not."""
+    q, k, v, cond, mask, _ = _inputs(**GPU_SHAPES["cvr"], dtype=torch.bfloat16, padded=True, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        expected = conditioned_attention(q, k, v, cond, mask, mode="reweight")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = conditioned_attention(q, k, v, cond, mask, mode="reweight")
+    graph.replay()
+    assert torch.equal(captured, expected)
 
 
 @pytest.mark.gpu

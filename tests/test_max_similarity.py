@@ -20,11 +20,12 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import reclmis.ops
+from reclmis.kernels import _runtime
 from reclmis.kernels import max_similarity as kernels
 from reclmis.ops import max_similarity_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = kernels.interpreted()
+INTERPRETED = _runtime.interpreting()
 pytestmark = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRETED,
     reason="no CUDA, and TRITON_INTERPRET=0 was set: the kernels cannot run",
@@ -106,6 +107,42 @@ def test_matches_reference(shape, masked, normalize, dtype):
         _, _, d_txt, _, d_txt_weight = got
         assert torch.equal(d_txt[~mask], torch.zeros_like(d_txt[~mask]))
         assert torch.equal(d_txt_weight[~mask], torch.zeros_like(d_txt_weight[~mask]))
+
+
+# A valid entry of each input: image 1's first token (in the forward's second image block; the first row of
+# a backward block, which the gathers of unpicked rows read), token 40, text 0's token 4 (all of text 0's
+# tokens are valid), and channel 3 of a feature.
+NAN_AT = {"img": (1, 0, 3), "txt": (0, 4, 3), "img_weight": (1, 40), "txt_weight": (0, 4)}
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("poisoned", GRADS)
+def test_nan_propagates_as_in_the_reference(poisoned, normalize):
+    """One NaN in any input: S is NaN exactly where the reference's is (a row of S for an image's NaN, a
+    column for a text's), equal elsewhere, and every gradient equals the reference's wherever that is finite
+    (tl.max skips NaN: the kernels used to return S without any NaN)."""
+    inputs, mask = make_inputs(3, 4, 70, 21, 80, torch.float32)
+    assert mask[NAN_AT["txt"][:2]]
+    inputs[GRADS.index(poisoned)][NAN_AT[poisoned]] = float("nan")
+    got, want = run_both(inputs, mask, normalize)
+    assert want[0].isnan().any() and not want[0].isnan().all()
+    fwd_tol, grad_tol = TOL[torch.float32]
+    torch.testing.assert_close(got[0], want[0], atol=fwd_tol, rtol=fwd_tol, equal_nan=True)
+    for name, g, w in zip(GRADS, got[1:], want[1:], strict=True):
+        defined = w.isfinite()
+        torch.testing.assert_close(
+            g[defined], w[defined], atol=grad_tol, rtol=grad_tol, msg=lambda m, n=name: f"d{n}: {m}"
+        )
+
+
+def test_nan_at_padded_tokens_is_never_read():
+    inputs, mask = make_inputs(3, 4, 20, 6, 16, torch.float32)
+    padded = (~mask).nonzero()[0].tolist()
+    inputs[1][padded[0], padded[1], 2] = float("nan")
+    inputs[3][padded[0], padded[1]] = float("nan")
+    got, want = run_both(inputs, mask, normalize=True)
+    assert all(t.isfinite().all() for t in (*got, *want))
+    assert_matches(got, want, inputs)
 
 
 def test_fp32_weights_and_strided_features():
@@ -215,6 +252,21 @@ class _DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(func.overloadpacket)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's limit: compiled kernels run bf16")
+def test_bf16_in_the_interpreter_is_refused():
+    """The interpreter has no bfloat16 (its dots returned S around 1e9): an error naming the dtype and the
+    backend. bf16 weights with fp32 features are computed (no dot takes them)."""
+    inputs, mask = make_inputs(3, 4, 20, 6, 16, torch.bfloat16)
+    with pytest.raises(TypeError, match=r"max_similarity\(backend='triton'\).*img of dtype torch.bfloat16"):
+        reclmis.ops.max_similarity(*inputs, mask, backend="triton")
+    (img, txt, img_weight, txt_weight), mask = make_inputs(3, 4, 20, 6, 16, torch.float32)
+    inputs = [img, txt, img_weight.bfloat16(), txt_weight.bfloat16()]
+    got, want = run_both(inputs, mask, normalize=True)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g.float(), w, atol=TOL[torch.bfloat16][1], rtol=TOL[torch.bfloat16][1])
 
 
 def test_op_dispatches_to_the_kernel():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -87,7 +89,10 @@ def test_segmentation_loss_is_the_official_dice_by_default() -> None:
         {"w_head_dropout": 0.5},
         {"attention_mode": "scale"},
         {"recon_memory_layers": 0},
-        {"interaction_gate": True},
+        {"interaction_injection": "zero_init"},
+        {"interaction_injection": "residual"},
+        {"interaction_injection": "official"},
+        {"interaction_injection": "residual", "interaction_gate": True},
         {"interaction_norm": True},
     ],
     ids=str,
@@ -248,7 +253,8 @@ def test_bad_inputs_name_the_argument(mutate, error, match) -> None:
         ({"text_mask_ratio": -0.1}, "text_mask_ratio"),
         ({"attention_mode": "softmax"}, "attention_mode"),
         ({"recon_heads": 3}, "recon_heads"),
-        ({"interaction_gate": True, "interaction_residual": False}, "interaction_gate"),
+        ({"interaction_gate": True}, "interaction_gate"),  # the note gate needs the residual injection
+        ({"interaction_injection": "sum"}, "interaction_injection"),
     ],
 )
 def test_bad_config_names_the_field(overrides, match) -> None:
@@ -256,27 +262,57 @@ def test_bad_config_names_the_field(overrides, match) -> None:
         RecLMISConfig.preset("tiny", **overrides)
 
 
-def test_text_gate_starts_as_the_ungated_model_and_then_scales_visual_tokens() -> None:
-    """The gate's Linear is zero-initialised (g = 1): the gated model computes the ungated one's function
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(("injection", "gate"), [("gated", "alpha"), ("zero_init", "zero_projection.weight")])
+def test_a_closed_injection_starts_as_the_image_only_network(injection: str, gate: str, train: bool) -> None:
+    """With the encoder and decoder weights of a text-off model, the gated and zero-initialised injections
+    give its logits exactly at initialisation, in eval and in train mode (CI's dropout acts on CI's own
+    tokens only), and their gate receives a gradient, so training can open the note's path."""
+    text_on = make_model(interaction_injection=injection)
+    text_off = RecLMIS(text_on.config.replace(use_text=False))
+    text_off.encoder.load_state_dict(text_on.encoder.state_dict())
+    text_off.decoder.load_state_dict(text_on.decoder.state_dict())
+    images, ids, mask, masks = make_batch(text_on)
+    text_on.train(train), text_off.train(train)
+    torch.manual_seed(1)
+    on = text_on(images, ids, mask, masks)
+    off = text_off(images, masks=masks)
+    torch.testing.assert_close(on.logits, off.logits, rtol=0, atol=0)
+    closed = text_on.interaction.get_parameter(gate)
+    assert (closed == 0).all()
+    if train:
+        on.losses["total"].backward()
+        assert closed.grad is not None and closed.grad.abs().sum() > 0
+    with torch.no_grad():
+        closed.fill_(0.5)  # an opened gate: the note now changes the segmentation
+    assert not torch.allclose(text_on.eval()(images, ids, mask).logits, text_off.eval()(images).logits)
+
+
+def test_note_gate_starts_as_the_ungated_model_and_then_scales_visual_tokens() -> None:
+    """The note gate's Linear is zero-initialised (g = 1): the model computes the residual one's function
     until training moves it; a trained gate scales V by the note."""
-    plain, gated = make_model(), make_model(interaction_gate=True)
+    plain = make_model(interaction_injection="residual")
+    gated = make_model(interaction_injection="residual", interaction_gate=True)
     missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and sorted(missing) == ["interaction.gate.bias", "interaction.gate.weight"]
+    assert unexpected == [] and sorted(missing) == [
+        "interaction.note_gate.bias",
+        "interaction.note_gate.weight",
+    ]
     images, ids, mask, _ = make_batch(plain)
     plain.eval(), gated.eval()
     torch.testing.assert_close(gated(images, ids, mask).logits, plain(images, ids, mask).logits)
     with torch.no_grad():
-        gated.interaction.gate.bias.fill_(-3.0)  # g = 2 sigmoid(-3): the visual tokens scaled by 0.095
+        gated.interaction.note_gate.bias.fill_(-3.0)  # g = 2 sigmoid(-3): the visual tokens scaled by 0.095
     assert not torch.allclose(gated(images, ids, mask).logits, plain(images, ids, mask).logits)
 
 
-@pytest.mark.parametrize("residual", [True, False], ids=["residual", "official"])
-def test_interaction_norm_bounds_what_the_attentions_add(residual: bool) -> None:
+@pytest.mark.parametrize("injection", ["residual", "official"])
+def test_interaction_norm_bounds_what_the_attentions_add(injection: str) -> None:
     """With interaction_norm the logits do not change when both attentions' output projections are scaled
     up 1000x (the drift it guards against); without it they do."""
     images, ids, mask, _ = make_batch(make_model())
     for norm in (True, False):
-        model = make_model(interaction_norm=norm, interaction_residual=residual).eval()
+        model = make_model(interaction_norm=norm, interaction_injection=injection).eval()
         before = model(images, ids, mask).logits
         with torch.no_grad():
             for attention in (model.interaction.text_attention, model.interaction.image_attention):
@@ -316,3 +352,19 @@ def test_masked_batch_norm_takes_statistics_in_fp32_for_half_inputs() -> None:
     assert out.dtype == torch.bfloat16 and half.running_mean.dtype == torch.float32
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
     torch.testing.assert_close(half.running_mean, full.running_mean, atol=0.01, rtol=0.01)
+
+
+def test_the_models_own_op_calls_skip_the_eager_value_read(monkeypatch) -> None:
+    """W_poi and W_woi are softmax outputs: the model tells the ops so, and its eager training step never
+    reads a condition back to the host (on a GPU, a synchronisation per call)."""
+    attention_op = importlib.import_module("reclmis.ops.conditioned_attention")  # the module, not the op
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's step read a condition back to the host")
+
+    monkeypatch.setattr(attention_op, "check_finite_nonnegative", refuse)
+    model = make_model().train()
+    model(*make_batch(model)).losses["total"].backward()
+    with pytest.raises(AssertionError, match="read a condition"):  # a direct call is still checked
+        q = torch.randn(1, 1, 3, 16)
+        attention_op.conditioned_attention(q, q, q, torch.rand(1, 3))

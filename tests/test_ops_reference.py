@@ -133,7 +133,9 @@ def test_conditioned_attention_rejects_bad_inputs(mutate, error, match) -> None:
 
 
 def test_conditioned_attention_rejects_bad_options(monkeypatch) -> None:
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from reclmis.kernels import _runtime
+
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)  # as if triton had compiled the kernels
     args = _attention_args()
     with pytest.raises(ValueError, match="mode"):
         conditioned_attention(*args, mode="softmax")
@@ -145,6 +147,49 @@ def test_conditioned_attention_rejects_bad_options(monkeypatch) -> None:
         conditioned_attention(*args, backend="cuda")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         conditioned_attention(*args, backend="triton")
+
+
+def _bad_cond(value: float) -> torch.Tensor:
+    cond = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    cond[1, 2] = value
+    return cond
+
+
+@pytest.mark.parametrize("mode", ["scale", "reweight"])
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf"), float("-inf")])
+def test_conditioned_attention_rejects_bad_cond_values(value: float, mode: str) -> None:
+    # negative: "reweight" gave all-NaN rows and "scale" flipped the key's logits, both without an error
+    q, k, v, _ = _attention_args()
+    with pytest.raises(ValueError, match=r"cond must be finite and >= 0; row 1 holds .* at column 2"):
+        conditioned_attention(q, k, v, _bad_cond(value), mode=mode, backend="reference")
+
+
+def test_conditioned_attention_reads_no_cond_at_padded_keys() -> None:
+    q, k, v, _ = _attention_args()
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 2] = False
+    out = conditioned_attention(q, k, v, _bad_cond(-0.5), valid, mode="reweight", backend="reference")
+    torch.testing.assert_close(out, conditioned_attention(q, k, v, _bad_cond(0.0), valid, mode="reweight"))
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -1.0])
+def test_conditioned_attention_rejects_bad_scale(scale: float) -> None:
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        conditioned_attention(*_attention_args(), scale=scale, backend="reference")
+
+
+def test_conditioned_attention_under_torch_compile_reads_no_cond() -> None:
+    # eager: a ValueError; traced (fullgraph: a host read would be a graph break): no check, no sync, and
+    # the values the reference computes from the unchecked cond
+    def attend(q, k, v, cond):
+        return conditioned_attention(q, k, v, cond, mode="scale", backend="reference")
+
+    q, k, v, _ = _attention_args()
+    cond = _bad_cond(-0.5)
+    with pytest.raises(ValueError, match="cond must be finite"):
+        attend(q, k, v, cond)
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, cond)
+    torch.testing.assert_close(compiled, conditioned_attention_reference(q, k, v, cond, mode="scale"))
 
 
 def test_max_similarity_rejects_bad_inputs() -> None:

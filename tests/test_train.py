@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_configs
 from reclmis.cli import main
-from reclmis.config import RecLMISConfig, TrainConfig
+from reclmis.config import TrainConfig
 from reclmis.data import make_synthetic
 from reclmis.inference import predict
 from reclmis.train import Trainer, load_checkpoint, model_from_checkpoint
@@ -19,14 +20,6 @@ from reclmis.train import Trainer, load_checkpoint, model_from_checkpoint
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("data"), size=32, n_train=24, n_val=8, n_test=8, seed=1)
-
-
-def tiny_configs(**train) -> tuple[RecLMISConfig, TrainConfig]:
-    model = RecLMISConfig.preset(
-        "tiny", image_size=32, base_channels=8, text_width=32, text_layers=1, text_heads=2, vocab_size=300
-    )
-    options = dict(epochs=4, batch_size=8, lr=1e-3, num_workers=0, device="cpu", log_every=2, augment="full")
-    return model, TrainConfig(**(options | train))
 
 
 def test_resume_continues_exactly(synthetic, tmp_path) -> None:
@@ -120,7 +113,8 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
                  str(out_json), "--save-predictions", str(overlays), "--per-image-csv", str(tmp_path / "per.csv"),
                  "--device", "cpu"]) == 0  # fmt: skip
     metrics = json.loads(out_json.read_text())
-    assert set(metrics) == {"dice", "iou", "n", "mask_resize", "empty_score", "notes"}
+    assert set(metrics) == {"dice", "iou", "n", "pooled_dice", "pooled_iou", "protocols", "mask_foreground",
+                            "mask_resize", "empty_score", "notes"}  # fmt: skip
     assert metrics["n"] == 8 and 0 <= metrics["iou"] <= metrics["dice"] <= 1
     assert (metrics["mask_resize"], metrics["empty_score"]) == ("nearest", 1.0)  # as trained
     assert len(list(overlays.glob("*_overlay.png"))) == 8
@@ -182,14 +176,15 @@ def test_cli_errors_are_clear(synthetic, tmp_path, capsys) -> None:
 
 
 def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synthetic, tmp_path) -> None:
-    """A checkpoint written before ``recon_memory_layers`` (and the official segmentation loss) existed
-    rebuilds its own model: reconstructors without a memory stack, 5 * (Dice + BCE) with a linear Dice.
+    """A version-1 checkpoint written before ``recon_memory_layers`` (and the official segmentation loss)
+    existed rebuilds its own model through the upgrade chain: reconstructors without a memory stack,
+    5 * (Dice + BCE) with a linear Dice, CI's residual injection.
     Weights that do not fit their configuration fail with a clear error, never silently."""
     from reclmis.model import NoteTokenizer, RecLMIS
-    from reclmis.train import save_checkpoint
 
     model_config, train_config = tiny_configs()
     legacy = model_config.replace(
+        interaction_injection="residual",
         recon_memory_layers=0,
         dice_squared=False,
         dice_smooth=1.0,
@@ -200,29 +195,34 @@ def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synth
     old_config = legacy.to_dict()
     for name in ("recon_memory_layers", "recon_causal", "w_head_dropout", "dice_squared", "dice_smooth"):
         del old_config[name]
+    del old_config["interaction_injection"]
+    old_config["interaction_residual"] = True  # version 1 named CI's residual form so
     old_config["loss_weights"] = {k: old_config["loss_weights"][k] for k in ("v2t", "t2v", "ccl", "seg")}
     state = {
         "model": model.state_dict(),
         "model_config": old_config,
         "train_config": {k: v for k, v in train_config.to_dict().items() if k in ("epochs", "lr", "min_lr")},
         "tokenizer": model.tokenizer.to_state(),
-        "text_encoder_config": model.text_encoder.hf_config(),
+        "text_encoder_config": model.text_encoder.model.config.to_dict(),
     }
-    save_checkpoint(state, tmp_path / "old.pt")
+    torch.save({"format_version": 1, **state}, tmp_path / "old.pt")  # as reclmis wrote it then
     loaded, _ = model_from_checkpoint(tmp_path / "old.pt")
     assert loaded.config == legacy and len(loaded.cvr.memory) == 0
     assert loaded.config.loss_weights.dice == loaded.config.loss_weights.bce == 1.0
 
-    save_checkpoint(
-        state | {"model_config": legacy.replace(recon_memory_layers=2).to_dict()}, tmp_path / "bad.pt"
+    torch.save(
+        {"format_version": 1, **state, "model_config": legacy.replace(recon_memory_layers=2).to_dict()},
+        tmp_path / "bad.pt",
     )
     with pytest.raises(
         ValueError, match=r"do not fit.*: cvr\.memory\.0\.self_attention.* missing, none unexpected"
     ):
         model_from_checkpoint(tmp_path / "bad.pt")
 
-    save_checkpoint(
-        state | {"epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": {}}, tmp_path / "run" / "last.pt"
+    (tmp_path / "run").mkdir()
+    torch.save(
+        {"format_version": 1, **state, "epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": {}},
+        tmp_path / "run" / "last.pt",
     )
     with pytest.raises(ValueError, match="recon_memory_layers"):
         Trainer(model_config, train_config, synthetic, tmp_path / "run", resume=True, progress=False)
@@ -247,8 +247,8 @@ def test_cached_splits_use_the_batched_path_and_uncached_ones_the_dataloader(syn
     assert isinstance(cached.train_loader, CachedLoader) and isinstance(cached.val_loader, CachedLoader)
     assert cached.train_loader.augmentation is cached.augmentation and cached.val_loader.augmentation is None
     assert cached.train_loader.notes.frame == "radiological" and len(cached.train_loader) == 3
-    plain_config = TrainConfig(**(train_config.to_dict() | {"cache_images": False}))
-    plain = Trainer(model_config, plain_config, synthetic, tmp_path / "plain", progress=False)
+    plain = Trainer(model_config, tiny_configs(epochs=1, cache_images=False)[1], synthetic, tmp_path / "plain",
+                    progress=False)  # fmt: skip
     assert isinstance(plain.train_loader, torch.utils.data.DataLoader)
     assert plain.train_loader.dataset.transform is plain.augmentation
     for trainer in (cached, plain):
@@ -258,5 +258,10 @@ def test_cached_splits_use_the_batched_path_and_uncached_ones_the_dataloader(syn
         TrainConfig(cache_device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cache_device=cuda needs training on a CUDA device"):
-            Trainer(model_config, TrainConfig(**(train_config.to_dict() | {"cache_device": "cuda"})), synthetic,
-                    tmp_path / "gpu", progress=False)  # fmt: skip
+            Trainer(
+                model_config,
+                tiny_configs(cache_device="cuda")[1],
+                synthetic,
+                tmp_path / "gpu",
+                progress=False,
+            )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from reclmis.ops import weighted_mask, weighted_mask_reference
 from reclmis.ops.weighted_mask import mask_counts
@@ -217,6 +218,31 @@ def test_torch_compile_draws_a_seed_at_every_call() -> None:
     torch.manual_seed(3)
     assert torch.equal(first, draw(x, w)) and torch.equal(second, draw(x, w))
     assert not torch.equal(first, second)
+
+
+def test_kernel_checks_rows_in_eager_mode_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the rule of every op: the kernel is asked to check the rows (on CUDA a read-back, one host sync) in
+    # eager mode, never inside a compiled step; RECLMIS_CHECK_WEIGHTS=1 asks inside compiled steps too
+    def draw(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return weighted_mask(x, w, 0.5, backend="extension")[1]
+
+    def traced_flag() -> bool:
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        torch.compile(draw, fullgraph=True, backend=counter)(x, w)
+        (call,) = [n for n in counter.graphs[0].graph.nodes if n.target is torch.ops.reclmis.weighted_mask]
+        return call.args[5]
+
+    op, asked = torch.ops.reclmis.weighted_mask, []
+    x, w = torch.randn(2, 6, 3), torch.rand(2, 6)
+    monkeypatch.delenv(wm.CHECK_WEIGHTS_ENV, raising=False)
+    with monkeypatch.context() as eager:
+        eager.setattr(torch.ops.reclmis, "weighted_mask", lambda *args: asked.append(args[5]) or op(*args))
+        draw(x, w)
+    assert asked == [True]
+    assert traced_flag() is False
+    monkeypatch.setenv(wm.CHECK_WEIGHTS_ENV, "1")
+    assert traced_flag() is True
 
 
 def test_reference_under_torch_compile_skips_host_checks() -> None:
@@ -441,6 +467,8 @@ def test_cuda_gradient_law_and_weight_check() -> None:
         _assert_frequency(mask[:, t].cpu(), p, f"position {t}")
     bad = torch.tensor([[1.0, -1.0, 1.0, 1.0, 1.0]], device="cuda")
     weighted_mask(x[:1].detach(), bad, 0.4, seed=0, check_weights=False)  # treated as zero weight, no sync
+    with pytest.raises(ValueError, match="weight must be finite and >= 0; row 0"):
+        weighted_mask(x[:1].detach(), bad, 0.4, seed=0)  # eager mode: checked by default
     with pytest.raises(ValueError, match="weight must be finite and >= 0; row 0"):
         weighted_mask(x[:1].detach(), bad, 0.4, seed=0, check_weights=True)
     too_long = torch.tensor([9], device="cuda")

@@ -26,14 +26,22 @@ Backward: a (query block, key block) tile recomputes S and P, computes dP and dS
 dv from them: five dots per tile. When one side fits a tile (the keys in the CVR, the queries in the CLR), a
 single launch with one program per (b, h) holds that side and streams the other, reading q, k, v, O, dO and
 cond once. The streamed side runs in blocks of BLOCK rows and then TAIL = 16 rows, so at most 15 padded
-rows are computed. When both sides are long, a dq kernel (queries held) and a dk/dv kernel (keys held) split
-the work. Eq. 5's sum over heads reads a per-head buffer in a fixed order: deterministic, no atomics.
+rows are computed. When both sides are long, the queries kernel (queries held: delta and dq) and the keys
+kernel (keys held: dk, dv and dcond) split the work. Eq. 5's sum over heads reads a per-head buffer in a
+fixed order: deterministic, no atomics.
 
 fp32 inputs run their dots on tensor cores in TF32 (operands rounded to 10 mantissa bits, fp32 accumulation;
-about 1e-3 relative error, see the GPU tolerances in tests/test_conditioned_attention.py). Addresses are
-64-bit (batch, head and row offsets), so tensors past 2^31 elements are read correctly. The host side
-registers the forward and backward as torch.library ops, reclmis::conditioned_attention_fwd / _bwd, with
-fake kernels and autograd, so torch.compile(fullgraph=True) and CUDA graphs take them whole.
+about 1e-3 relative error, see the GPU tolerances in tests/test_conditioned_attention.py).
+
+Layouts: every (B, H, N, D) tensor has a contiguous last dimension and is addressed by its (batch, head,
+token) strides, one triple per layout the host guarantees: q; k and v (one layout, as views of a fused kv
+projection have; otherwise both are made contiguous); out and dq (q's layout when q is dense, else
+contiguous); dO; dk and dv. cond and the mask are contiguous (B, Nk), lse, delta and the per-head dcond
+contiguous (B, H, N). Programs run on a grid (blocks, H, B); a pointer a kernel variant does not read is
+None (no mask: every key is valid). Addresses are 64-bit (batch, head and row offsets), so tensors past
+2^31 elements are read correctly. The host side registers the forward and backward as torch.library ops,
+reclmis::conditioned_attention_forward / _backward, with fake kernels and autograd, so
+torch.compile(fullgraph=True) and CUDA graphs take them whole.
 """
 
 from __future__ import annotations
@@ -44,9 +52,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from reclmis.ops.conditioned_attention import REWEIGHT_EPS
+from . import _runtime
+from ._constants import REWEIGHT_EPS
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _EPS = tl.constexpr(REWEIGHT_EPS)
@@ -78,13 +86,29 @@ def _span(start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_terms(Cond, Mask, cols, Nk, scn, smn, scale, MODE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Condition c_j, slope a_j (natural units) and base-2 bias b_j of Eq. 1 for keys ``cols`` of a sample."""
+def _batch_and_head():
+    """b, h (int64) of a program of grid (blocks, H, B), and bh = b * H + h, the row of the contiguous
+    (B, H, ...) statistics."""
+    b = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    return b, h, b * tl.num_programs(1) + h
+
+
+@triton.jit
+def _at(strides, b, h):
+    """Offset of the (b, h) matrix of a (B, H, N, D) tensor with (batch, head, token) ``strides``."""
+    return b * strides[0] + h * strides[1]
+
+
+@triton.jit
+def _key_terms(Cond, Mask, b, cols, Nk, scale, MODE_SCALE: tl.constexpr):
+    """Condition c_j, slope a_j (natural units) and base-2 bias b_j of Eq. 1 for keys ``cols`` of sample b.
+    Cond and Mask are contiguous (B, Nk); Mask None: every key is valid."""
     in_range = cols < Nk
-    c = tl.load(Cond + cols * scn, mask=in_range, other=0.0).to(tl.float32)
+    c = tl.load(Cond + b * Nk + cols, mask=in_range, other=0.0).to(tl.float32)
     valid = in_range
-    if HAS_MASK:
-        valid = valid & (tl.load(Mask + cols * smn, mask=in_range, other=0) != 0)
+    if Mask is not None:
+        valid = valid & (tl.load(Mask + b * Nk + cols, mask=in_range, other=0) != 0)
     if MODE_SCALE:
         slope = c * scale
         bias = tl.where(valid, 0.0, float("-inf"))
@@ -95,31 +119,25 @@ def _key_terms(Cond, Mask, cols, Nk, scn, smn, scale, MODE_SCALE: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, Cond, Mask, Out, Lse,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, scb, scn, smb, smn,
-    H, Nq, Nk, scale,
-    MODE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+def _conditioned_attention_forward_kernel(
+    Q, K, V, Cond, Mask, Out, Lse, q_strides, kv_strides, out_strides, Nq, Nk, scale,
+    MODE_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Eq. 1-3 for BLOCK_M queries of one (b, h): grid (cdiv(Nq, BLOCK_M), B * H)."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    """Eq. 1-3 for BLOCK_M queries of one (b, h): grid (cdiv(Nq, BLOCK_M), H, B)."""
+    b, h, bh = _batch_and_head()
     rows = _span(tl.program_id(0) * BLOCK_M, BLOCK_M)
-    q = _load_rows(Q + b * sqb + h * sqh, rows, Nq, sqn, D)
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    Cond += b * scb
-    Mask += b * smb
+    q = _load_rows(Q + _at(q_strides, b, h), rows, Nq, q_strides[2], D)
+    K += _at(kv_strides, b, h)
+    V += _at(kv_strides, b, h)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of t over the valid keys seen so far
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, Nk, BLOCK_N):
         cols = _span(start_n, BLOCK_N)
-        _, a, bias = _key_terms(Cond, Mask, cols, Nk, scn, smn, scale, MODE_SCALE, HAS_MASK)
-        k = _load_rows(K, cols, Nk, skn, D)
-        v = _load_rows(V, cols, Nk, svn, D)
+        _, a, bias = _key_terms(Cond, Mask, b, cols, Nk, scale, MODE_SCALE)
+        k = _load_rows(K, cols, Nk, kv_strides[2], D)
+        v = _load_rows(V, cols, Nk, kv_strides[2], D)
         t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (a * _LOG2E)[None, :] + bias[None, :]
         m_new = tl.maximum(m, tl.max(t, 1))
         m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite stand-in, only inside exp2
@@ -130,7 +148,7 @@ def _fwd_kernel(
         m = m_new
     has_key = l > 0.0
     l = tl.where(has_key, l, 1.0)  # a row without a valid key: acc = 0, zero output
-    _store_rows(Out + b * sob + h * soh, rows, Nq, son, acc / l[:, None], D)
+    _store_rows(Out + _at(out_strides, b, h), rows, Nq, out_strides[2], acc / l[:, None], D)
     tl.store(Lse + bh * Nq + rows, tl.where(has_key, m + tl.log2(l), float("inf")), mask=rows < Nq)
 
 
@@ -162,19 +180,19 @@ def _cond_grad(dc_sum, c, scale, MODE_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _kv_step(
-    Q, dOut, Out, Lse, Delta, dQ, sqn, sdon, son, sdqn, start_m, Nq,
-    k, v, a, bias, dk, dv, dc,
+def _query_block(
+    Q, Out, dOut, Lse, Delta, dQ, row_strides, start_m, Nq, k, v, a, bias, dk, dv, dc,
     MODE_SCALE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, WITH_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One block of queries against the key block held by ``_bwd_kv_kernel``: accumulates dk, dv, dcond."""
+    """One block of queries against the keys held by the keys kernel: accumulates dk, dv and dcond.
+    ``row_strides``: the token strides of q, of out and dq, and of dO."""
     rows = _span(start_m, BLOCK)
-    q = _load_rows(Q, rows, Nq, sqn, D)
-    do = _load_rows(dOut, rows, Nq, sdon, D)
+    q = _load_rows(Q, rows, Nq, row_strides[0], D)
+    do = _load_rows(dOut, rows, Nq, row_strides[2], D)
     lse = tl.load(Lse + rows, mask=rows < Nq, other=float("inf"))
     if WITH_DQ:  # this program reads the block's O once: delta here
-        delta = tl.sum(do.to(tl.float32) * _load_rows(Out, rows, Nq, son, D).to(tl.float32), 1)
+        delta = tl.sum(do.to(tl.float32) * _load_rows(Out, rows, Nq, row_strides[1], D).to(tl.float32), 1)
     else:
         delta = tl.load(Delta + rows, mask=rows < Nq, other=0.0)
     qk, p, ds = _scores_and_grads(q, do, lse, delta, k, v, a, bias, PRECISION)
@@ -183,129 +201,120 @@ def _kv_step(
     dc += _cond_grad_sum(ds, qk, MODE_SCALE)
     if WITH_DQ:  # the program holds every key: this block's dq is complete
         dq = tl.dot((ds * a[None, :]).to(k.dtype), k, input_precision=PRECISION)
-        _store_rows(dQ, rows, Nq, sdqn, dq, D)
+        _store_rows(dQ, rows, Nq, row_strides[1], dq, D)
     return dk, dv, dc
 
 
 @triton.jit
-def _bwd_kv_kernel(
+def _conditioned_attention_backward_keys_kernel(
     Q, K, V, Cond, Mask, Out, dOut, Lse, Delta, dQ, dK, dV, dCondH,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
-    sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, scb, scn, smb, smn,
-    H, Nq, Nk, scale,
-    MODE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    q_strides, kv_strides, out_strides, dout_strides, dkv_strides, Nq, Nk, scale,
+    MODE_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dk, dv (Eq. 4) and this head's term of dcond (Eq. 5) for BLOCK_N keys, streaming the queries.
 
-    WITH_DQ (one key block holds all keys): also delta and dq, so one launch computes the whole backward.
-    Otherwise delta comes from ``_bwd_q_kernel``. grid (cdiv(Nk, BLOCK_N), B * H).
+    WITH_DQ (one key block holds all keys): also delta (from Out) and dq, so one launch computes the whole
+    backward (Delta is None). Otherwise delta comes from the queries kernel (Out and dQ are None).
+    grid (cdiv(Nk, BLOCK_N), H, B).
     """
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    b, h, bh = _batch_and_head()
     cols = _span(tl.program_id(0) * BLOCK_N, BLOCK_N)
-    c, a, bias = _key_terms(Cond + b * scb, Mask + b * smb, cols, Nk, scn, smn, scale, MODE_SCALE, HAS_MASK)
-    k = _load_rows(K + b * skb + h * skh, cols, Nk, skn, D)
-    v = _load_rows(V + b * svb + h * svh, cols, Nk, svn, D)
-    Q += b * sqb + h * sqh
-    dOut += b * sdob + h * sdoh
-    Out += b * sob + h * soh
-    dQ += b * sdqb + h * sdqh
+    c, a, bias = _key_terms(Cond, Mask, b, cols, Nk, scale, MODE_SCALE)
+    k = _load_rows(K + _at(kv_strides, b, h), cols, Nk, kv_strides[2], D)
+    v = _load_rows(V + _at(kv_strides, b, h), cols, Nk, kv_strides[2], D)
+    Q += _at(q_strides, b, h)
+    dOut += _at(dout_strides, b, h)
     Lse += bh * Nq
-    Delta += bh * Nq
+    if WITH_DQ:
+        Out += _at(out_strides, b, h)
+        dQ += _at(out_strides, b, h)
+    else:
+        Delta += bh * Nq
+    row_strides = (q_strides[2], out_strides[2], dout_strides[2])
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     dc = tl.zeros([BLOCK_N], tl.float32)
     n_full = Nq - Nq % BLOCK_M
     for start_m in range(0, n_full, BLOCK_M):
-        dk, dv, dc = _kv_step(
-            Q, dOut, Out, Lse, Delta, dQ, sqn, sdon, son, sdqn, start_m, Nq, k, v, a, bias, dk, dv, dc,
+        dk, dv, dc = _query_block(
+            Q, Out, dOut, Lse, Delta, dQ, row_strides, start_m, Nq, k, v, a, bias, dk, dv, dc,
             MODE_SCALE, D, BLOCK_M, WITH_DQ, PRECISION,
         )  # fmt: skip
     for start_m in range(n_full, Nq, _TAIL):
-        dk, dv, dc = _kv_step(
-            Q, dOut, Out, Lse, Delta, dQ, sqn, sdon, son, sdqn, start_m, Nq, k, v, a, bias, dk, dv, dc,
+        dk, dv, dc = _query_block(
+            Q, Out, dOut, Lse, Delta, dQ, row_strides, start_m, Nq, k, v, a, bias, dk, dv, dc,
             MODE_SCALE, D, _TAIL, WITH_DQ, PRECISION,
         )  # fmt: skip
-    _store_rows(dK + b * sdkb + h * sdkh, cols, Nk, sdkn, dk * a[:, None], D)
-    _store_rows(dV + b * sdvb + h * sdvh, cols, Nk, sdvn, dv, D)
+    _store_rows(dK + _at(dkv_strides, b, h), cols, Nk, dkv_strides[2], dk * a[:, None], D)
+    _store_rows(dV + _at(dkv_strides, b, h), cols, Nk, dkv_strides[2], dv, D)
     tl.store(dCondH + bh * Nk + cols, _cond_grad(dc, c, scale, MODE_SCALE), mask=cols < Nk)
 
 
 @triton.jit
-def _q_step(
-    K, V, Cond, Mask, dK, dV, dCondH, skn, svn, scn, smn, sdkn, sdvn, start_n, Nk, scale,
-    q, do, lse, delta, dq,
-    MODE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    WITH_DKDV: tl.constexpr, PRECISION: tl.constexpr,
+def _key_block(
+    K, V, Cond, Mask, dK, dV, dCondH, b, kv_stride, dkv_stride, start_n, Nk, scale, q, do, lse, delta, dq,
+    MODE_SCALE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, WITH_DKDV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One block of keys against the queries held by ``_bwd_q_kernel``: accumulates dq."""
+    """One block of keys against the queries held by the queries kernel: accumulates dq."""
     cols = _span(start_n, BLOCK)
-    c, a, bias = _key_terms(Cond, Mask, cols, Nk, scn, smn, scale, MODE_SCALE, HAS_MASK)
-    k = _load_rows(K, cols, Nk, skn, D)
-    v = _load_rows(V, cols, Nk, svn, D)
+    c, a, bias = _key_terms(Cond, Mask, b, cols, Nk, scale, MODE_SCALE)
+    k = _load_rows(K, cols, Nk, kv_stride, D)
+    v = _load_rows(V, cols, Nk, kv_stride, D)
     qk, p, ds = _scores_and_grads(q, do, lse, delta, k, v, a, bias, PRECISION)
     dq = tl.dot((ds * a[None, :]).to(k.dtype), k, dq, input_precision=PRECISION)
     if WITH_DKDV:  # the program holds every query: this block's dk, dv and dcond term are complete
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * a[:, None]
-        _store_rows(dK, cols, Nk, sdkn, dk, D)
-        _store_rows(dV, cols, Nk, sdvn, dv, D)
-        tl.store(
-            dCondH + cols,
-            _cond_grad(_cond_grad_sum(ds, qk, MODE_SCALE), c, scale, MODE_SCALE),
-            mask=cols < Nk,
-        )
+        _store_rows(dK, cols, Nk, dkv_stride, dk, D)
+        _store_rows(dV, cols, Nk, dkv_stride, dv, D)
+        dc = _cond_grad(_cond_grad_sum(ds, qk, MODE_SCALE), c, scale, MODE_SCALE)
+        tl.store(dCondH + cols, dc, mask=cols < Nk)
     return dq
 
 
 @triton.jit
-def _bwd_q_kernel(
+def _conditioned_attention_backward_queries_kernel(
     Q, K, V, Cond, Mask, Out, dOut, Lse, Delta, dQ, dK, dV, dCondH,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
-    sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, scb, scn, smb, smn,
-    H, Nq, Nk, scale,
-    MODE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, WITH_DKDV: tl.constexpr, PRECISION: tl.constexpr,
+    q_strides, kv_strides, out_strides, dout_strides, dkv_strides, Nq, Nk, scale,
+    MODE_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_DKDV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """delta and dq (Eq. 4) for BLOCK_M queries of a (b, h), streaming the keys.
 
     WITH_DKDV (one query block holds all queries): also dk, dv and this head's term of dcond, so one launch
-    computes the whole backward. Otherwise it stores delta for ``_bwd_kv_kernel``. grid (cdiv(Nq, BLOCK_M), B*H).
+    computes the whole backward (Delta is None). Otherwise it stores delta for the keys kernel (dK, dV and
+    dCondH are None). grid (cdiv(Nq, BLOCK_M), H, B).
     """
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    b, h, bh = _batch_and_head()
     rows = _span(tl.program_id(0) * BLOCK_M, BLOCK_M)
-    q = _load_rows(Q + b * sqb + h * sqh, rows, Nq, sqn, D)
-    do = _load_rows(dOut + b * sdob + h * sdoh, rows, Nq, sdon, D)
-    delta = tl.sum(
-        do.to(tl.float32) * _load_rows(Out + b * sob + h * soh, rows, Nq, son, D).to(tl.float32), 1
-    )
+    q = _load_rows(Q + _at(q_strides, b, h), rows, Nq, q_strides[2], D)
+    do = _load_rows(dOut + _at(dout_strides, b, h), rows, Nq, dout_strides[2], D)
+    o = _load_rows(Out + _at(out_strides, b, h), rows, Nq, out_strides[2], D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(Lse + bh * Nq + rows, mask=rows < Nq, other=float("inf"))
-    if not WITH_DKDV:
+    if WITH_DKDV:
+        dK += _at(dkv_strides, b, h)
+        dV += _at(dkv_strides, b, h)
+        dCondH += bh * Nk
+    else:
         tl.store(Delta + bh * Nq + rows, delta, mask=rows < Nq)
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    Cond += b * scb
-    Mask += b * smb
-    dK += b * sdkb + h * sdkh
-    dV += b * sdvb + h * sdvh
-    dCondH += bh * Nk
+    K += _at(kv_strides, b, h)
+    V += _at(kv_strides, b, h)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     n_full = Nk - Nk % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _q_step(
-            K, V, Cond, Mask, dK, dV, dCondH, skn, svn, scn, smn, sdkn, sdvn, start_n, Nk, scale,
-            q, do, lse, delta, dq, MODE_SCALE, HAS_MASK, D, BLOCK_N, WITH_DKDV, PRECISION,
+        dq = _key_block(
+            K, V, Cond, Mask, dK, dV, dCondH, b, kv_strides[2], dkv_strides[2], start_n, Nk, scale,
+            q, do, lse, delta, dq, MODE_SCALE, D, BLOCK_N, WITH_DKDV, PRECISION,
         )  # fmt: skip
     for start_n in range(n_full, Nk, _TAIL):
-        dq = _q_step(
-            K, V, Cond, Mask, dK, dV, dCondH, skn, svn, scn, smn, sdkn, sdvn, start_n, Nk, scale,
-            q, do, lse, delta, dq, MODE_SCALE, HAS_MASK, D, _TAIL, WITH_DKDV, PRECISION,
+        dq = _key_block(
+            K, V, Cond, Mask, dK, dV, dCondH, b, kv_strides[2], dkv_strides[2], start_n, Nk, scale,
+            q, do, lse, delta, dq, MODE_SCALE, D, _TAIL, WITH_DKDV, PRECISION,
         )  # fmt: skip
-    _store_rows(dQ + b * sdqb + h * sdqh, rows, Nq, sdqn, dq, D)
+    _store_rows(dQ + _at(out_strides, b, h), rows, Nq, out_strides[2], dq, D)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,14 +325,14 @@ def _bwd_q_kernel(
 class Plan:
     """Tile sizes and kernels of one call; a function of the shapes and dtype only (no data, no host sync).
 
-    ``backward`` is "keys" (one launch of ``_bwd_kv_kernel`` holding all keys), "queries" (one launch of
-    ``_bwd_q_kernel`` holding all queries) or "general" (``_bwd_q_kernel`` then ``_bwd_kv_kernel``).
+    ``backward`` is "keys" (one launch of the keys kernel, holding all keys), "queries" (one launch of the
+    queries kernel, holding all queries) or "general" (the queries kernel, then the keys kernel).
     """
 
     forward: dict
     backward: str
-    bwd_q: dict | None
-    bwd_kv: dict | None
+    backward_queries: dict | None
+    backward_keys: dict | None
 
 
 # Tile budgets in elements of a row-major (rows, D) tile; fp32 rows count double (their registers do).
@@ -331,7 +340,7 @@ class Plan:
 # dq accumulator); at D=128 that is 32 tokens, the 18-word text of the paper's two regimes. STREAM: a block
 # of the other side, at most 32 rows. FORWARD: the forward's query and key blocks, at most 64 rows.
 # Chosen, with the warps and stages below, by compiling every launch at the paper shapes for sm_86 and sm_90
-# (no spills, shared memory within sm_86's 99 KiB): see benchmarks/kernel_report.py.
+# (no spills, shared memory within sm_86's 99 KiB): see tools/kernel_report.
 HELD_ELEMENTS = 4096
 STREAM_ELEMENTS = 4096
 FORWARD_ELEMENTS = 8192
@@ -342,7 +351,7 @@ def _rows(n: int, cap: int) -> int:
     return min(max(16, triton.next_power_of_2(n)), cap)
 
 
-def plan(nq: int, nk: int, d: int, dtype: torch.dtype, mode: str, has_mask: bool) -> Plan:
+def plan(nq: int, nk: int, d: int, dtype: torch.dtype, mode: str) -> Plan:
     """Tiles and kernels for q (.., nq, d) and k (.., nk, d) of ``dtype``."""
     wide = dtype == torch.float32
     row = d * (2 if wide else 1)
@@ -351,7 +360,6 @@ def plan(nq: int, nk: int, d: int, dtype: torch.dtype, mode: str, has_mask: bool
     fwd_block = max(16, min(64, FORWARD_ELEMENTS // row))
     common = {
         "MODE_SCALE": mode == "scale",
-        "HAS_MASK": has_mask,
         "D": d,
         # fp32 inputs run on tensor cores as TF32 (10-bit mantissa products, fp32 accumulation); the
         # three-pass tf32x3 doubles the dot operands' registers and spills in the backward at D=128.
@@ -380,24 +388,10 @@ def plan(nq: int, nk: int, d: int, dtype: torch.dtype, mode: str, has_mask: bool
 # Host side: torch.library ops (capturable: no host sync, allocations depend on shapes only)
 
 
-_INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
+_runtime.check_flavour(_conditioned_attention_forward_kernel, __name__)
 
 
-def interpreted() -> bool:
-    """Whether this module's kernels run in the Triton interpreter (TRITON_INTERPRET=1 when first imported)."""
-    return _INTERPRETED
-
-
-def _check_runnable(q: torch.Tensor) -> None:
-    if q.device.type != "cuda" and not interpreted():
-        raise RuntimeError(
-            f"the conditioned_attention Triton kernels were compiled for the GPU but got {q.device} tensors: "
-            "on CPU they run only in the interpreter, and TRITON_INTERPRET=1 must be set before "
-            "reclmis.kernels.conditioned_attention is first imported"
-        )
-
-
-def _rows_strides(t: torch.Tensor) -> tuple[int, int, int]:
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, token) strides of a (B, H, N, D) tensor whose last dimension is contiguous."""
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -407,20 +401,31 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _empty_rows_like(t: torch.Tensor) -> torch.Tensor:
-    """A new tensor shaped like ``t`` with t's layout when its last dimension is contiguous, else contiguous."""
+    """A new tensor like ``t``, in t's layout when its last dimension is contiguous, else contiguous."""
     layout = torch.preserve_format if t.stride(-1) == 1 else torch.contiguous_format
     return torch.empty_like(t, memory_format=layout)
 
 
-def _mask_arg(cond: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
-    """The mask as bytes with its strides; without a mask, cond stands in (never read: HAS_MASK is False)."""
-    if mask is None:
-        return cond, 0, 0
-    return mask.view(torch.uint8), mask.stride(0), mask.stride(1)
+def _key_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v in one layout, so that the kernels take one stride triple for both: as given when they share
+    their strides with a contiguous last dimension (views of a fused kv projection do), else contiguous."""
+    if k.stride() == v.stride() and k.stride(-1) == 1:
+        return k, v
+    return k.contiguous(), v.contiguous()
 
 
-@torch.library.custom_op("reclmis::conditioned_attention_fwd", mutates_args=())
-def conditioned_attention_fwd(
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it has the strides of ``like`` (a tensor this module allocated), else a copy."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+
+
+def _per_key(cond: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cond and the mask (as bytes) contiguous (B, Nk), as the kernels index them; None without a mask."""
+    return cond.contiguous(), None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+@torch.library.custom_op("reclmis::conditioned_attention_forward", mutates_args=())
+def conditioned_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -430,28 +435,27 @@ def conditioned_attention_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1-3: out (B, H, Nq, D) in q's dtype and lse (B, H, Nq) fp32, base 2, +inf for a row without key."""
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q = _unit_last_stride(q)
+    k, v = _key_layout(k, v)
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    params = plan(nq, nk, d, q.dtype, mode, key_padding_mask is not None).forward
+    params = plan(nq, nk, d, q.dtype, mode).forward
     out = _empty_rows_like(q)
     lse = q.new_empty((b, h, nq), dtype=torch.float32)
-    mask, smb, smn = _mask_arg(cond, key_padding_mask)
-    _fwd_kernel[(triton.cdiv(nq, params["BLOCK_M"]), b * h)](
-        q, k, v, cond, mask, out, lse,
-        *_rows_strides(q), *_rows_strides(k), *_rows_strides(v), *_rows_strides(out),
-        cond.stride(0), cond.stride(1), smb, smn, h, nq, nk, scale, **params,
+    _conditioned_attention_forward_kernel[(triton.cdiv(nq, params["BLOCK_M"]), h, b)](
+        q, k, v, *_per_key(cond, key_padding_mask), out, lse, _strides(q), _strides(k), _strides(out),
+        nq, nk, scale, **params,
     )  # fmt: skip
     return out, lse
 
 
-@conditioned_attention_fwd.register_fake
+@conditioned_attention_forward.register_fake
 def _(q, k, v, cond, key_padding_mask, mode, scale):
     return _empty_rows_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("reclmis::conditioned_attention_bwd", mutates_args=())
-def conditioned_attention_bwd(
+@torch.library.custom_op("reclmis::conditioned_attention_backward", mutates_args=())
+def conditioned_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -464,30 +468,38 @@ def conditioned_attention_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 4-5: (dq, dk, dv, dcond), dcond summed over heads in a fixed order (deterministic)."""
-    dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
+    dout, q = _unit_last_stride(dout), _unit_last_stride(q)
+    k, v = _key_layout(k, v)
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    launch = plan(nq, nk, d, q.dtype, mode, key_padding_mask is not None)
-    dq, dk, dv = (_empty_rows_like(t) for t in (q, k, v))
+    launch = plan(nq, nk, d, q.dtype, mode)
+    dq, dk, dv = (_empty_rows_like(t) for t in (q, k, v))  # dq in out's layout, dk and dv in one layout
+    out = _in_layout_of(out, dq)
     dcond_per_head = q.new_empty((b, h, nk), dtype=torch.float32)  # Eq. 5 before the sum over heads
-    delta = torch.empty_like(lse) if launch.backward == "general" else lse  # rowsum(dO * O), (B, H, Nq)
-    mask, smb, smn = _mask_arg(cond, key_padding_mask)
-    args = (
-        q, k, v, cond, mask, out, dout, lse, delta, dq, dk, dv, dcond_per_head,
-        *_rows_strides(q), *_rows_strides(k), *_rows_strides(v), *_rows_strides(out), *_rows_strides(dout),
-        *_rows_strides(dq), *_rows_strides(dk), *_rows_strides(dv), cond.stride(0), cond.stride(1), smb, smn,
-        h, nq, nk, scale,
-    )  # fmt: skip
-    if launch.bwd_q is not None:  # first: it stores delta for the dk/dv kernel of the general path
-        _bwd_q_kernel[(triton.cdiv(nq, launch.bwd_q["BLOCK_M"]), b * h)](*args, **launch.bwd_q)
-    if launch.bwd_kv is not None:
-        _bwd_kv_kernel[(triton.cdiv(nk, launch.bwd_kv["BLOCK_N"]), b * h)](*args, **launch.bwd_kv)
+    general = launch.backward == "general"
+    delta = torch.empty_like(lse) if general else None  # rowsum(dO * O), (B, H, Nq), for the keys kernel
+    cond, mask = _per_key(cond, key_padding_mask)
+    strides = (_strides(q), _strides(k), _strides(out), _strides(dout), _strides(dk))
+    if launch.backward_queries is not None:  # first: in the general path it stores delta for the keys kernel
+        grid = (triton.cdiv(nq, launch.backward_queries["BLOCK_M"]), h, b)
+        key_grads = (None, None, None) if general else (dk, dv, dcond_per_head)
+        _conditioned_attention_backward_queries_kernel[grid](
+            q, k, v, cond, mask, out, dout, lse, delta, dq, *key_grads, *strides, nq, nk, scale,
+            **launch.backward_queries,
+        )  # fmt: skip
+    if launch.backward_keys is not None:
+        grid = (triton.cdiv(nk, launch.backward_keys["BLOCK_N"]), h, b)
+        o, o_grad = (None, None) if general else (out, dq)  # without the queries kernel: delta and dq here
+        _conditioned_attention_backward_keys_kernel[grid](
+            q, k, v, cond, mask, o, dout, lse, delta, o_grad, dk, dv, dcond_per_head, *strides, nq, nk, scale,
+            **launch.backward_keys,
+        )  # fmt: skip
     return dq, dk, dv, dcond_per_head.sum(1).to(cond.dtype)
 
 
-@conditioned_attention_bwd.register_fake
+@conditioned_attention_backward.register_fake
 def _(dout, q, k, v, cond, key_padding_mask, out, lse, mode, scale):
-    return (*(_empty_rows_like(t) for t in (q, k, v)), cond.new_empty(cond.shape))
+    return (*(_empty_rows_like(t) for t in (q, *_key_layout(k, v))), cond.new_empty(cond.shape))
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -499,13 +511,15 @@ def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]
     ctx.set_materialize_grads(False)  # no zeros launched for lse's gradient, which is never used
 
 
-def _backward(ctx, dout: torch.Tensor, _dlse: None) -> tuple[torch.Tensor | None, ...]:
+def _autograd_backward(ctx, dout: torch.Tensor, _dlse: None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, cond, key_padding_mask, out, lse = ctx.saved_tensors
-    grads = conditioned_attention_bwd(dout, q, k, v, cond, key_padding_mask, out, lse, ctx.mode, ctx.scale)
+    grads = conditioned_attention_backward(
+        dout, q, k, v, cond, key_padding_mask, out, lse, ctx.mode, ctx.scale
+    )
     return *grads, None, None, None
 
 
-conditioned_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+conditioned_attention_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def conditioned_attention_triton(
@@ -519,6 +533,6 @@ def conditioned_attention_triton(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Fused conditioned attention; inputs as validated by ``reclmis.ops.conditioned_attention``."""
-    _check_runnable(q)
+    _runtime.check_device(q.device, "conditioned_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return conditioned_attention_fwd(q, k, v, cond, key_padding_mask, mode, scale)[0]
+    return conditioned_attention_forward(q, k, v, cond, key_padding_mask, mode, scale)[0]

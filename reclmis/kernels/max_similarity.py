@@ -38,6 +38,10 @@ a fixed order, so two backward passes agree bitwise. The image-side program owns
 tokens and a block of channels and loops over the texts; the text-side program owns a tile of texts and a
 block of channels and loops over (a group of) the images, reading each image block once for all its texts.
 
+NaN propagates as in the reference: the forward ranks NaN above every value in its maxima (torch.amax's
+rule; tl.max skips NaN), so S is NaN wherever a NaN takes part in a maximum or a sum. In the backward a
+NaN spreads over no more gradients than the reference's (whose amax backward spreads it over whole rows).
+
 The two passes are the torch.library custom ops ``reclmis::max_similarity_forward`` and
 ``reclmis::max_similarity_backward`` (with fake kernels and the autograd formula), so torch.compile traces
 them, and CUDA graphs capture them, whole.
@@ -50,9 +54,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-NORM_EPS = 1e-12  # F.normalize's default
+from . import _runtime
+from ._constants import NORM_EPS
+
 ROWS_PER_PROGRAM, NORM_BLOCK_C = 16, 64  # tile of the text normalisation pre-pass
 RESIDENT_BYTES = 64 * 1024  # the forward's image block, kept on chip for the whole text sweep
 TEXT_TILE_BYTES = 32 * 1024  # one text tile of that sweep
@@ -61,7 +66,30 @@ PICK_CHUNK = 16  # text tokens compared with a block of image tokens at a time (
 
 
 @triton.jit
-def _inv_norm_kernel(x_ptr, r_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _inverse_norm(sumsq, eps):
+    """r = 1 / max(||x||, eps) from sum(x^2), NaN for a NaN norm (as F.normalize's clamp; tl.maximum's
+    default may return eps there)."""
+    return 1.0 / tl.maximum(tl.sqrt(sumsq), eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_on_top(x):
+    """x with NaN raised to +inf, the order in which torch.amax takes maxima (a NaN wins); tl.max itself
+    skips NaN. ``_top_as_nan`` reads such a maximum back."""
+    return tl.where(x != x, float("inf"), x)
+
+
+@triton.jit
+def _top_as_nan(x):
+    """A maximum of ``_nan_on_top`` values: +inf is a NaN (or a +inf, which needs infinite or overflowing
+    inputs; it reads as NaN as well)."""
+    return tl.where(x == float("inf"), float("nan"), x)
+
+
+@triton.jit
+def _max_similarity_forward_norm_kernel(
+    x_ptr, r_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """r = 1 / max(||x||, eps) in fp32 for BLOCK_R rows of the contiguous (R, C) x."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -70,11 +98,11 @@ def _inv_norm_kernel(x_ptr, r_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl
         mask = (rows < R)[:, None] & (c0 + offs_c < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * C + c0 + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
         sumsq += tl.sum(x * x, axis=1)
-    tl.store(r_ptr + rows, 1.0 / tl.maximum(tl.sqrt(sumsq), eps), mask=rows < R)
+    tl.store(r_ptr + rows, _inverse_norm(sumsq, eps), mask=rows < R)
 
 
 @triton.jit
-def _max_similarity_fwd_kernel(
+def _max_similarity_forward_kernel(
     img_ptr, txt_ptr, valid_ptr, img_r_ptr, txt_r_ptr,
     row_max_ptr, row_arg_ptr, part_max_ptr, part_arg_ptr,
     Bt, N, L, C, R_img, R_txt, eps,
@@ -100,7 +128,7 @@ def _max_similarity_fwd_kernel(
             for c0 in range(0, C, BLOCK_C):
                 x = tl.load(img_ptrs + c0, mask=row_in[:, None] & (c0 + offs_c < C)[None, :], other=0.0)
                 sumsq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
-        r_i = 1.0 / tl.maximum(tl.sqrt(sumsq), eps)
+        r_i = _inverse_norm(sumsq, eps)
         tl.store(img_r_ptr + rows, r_i, mask=row_in)
     first_img = (k * BLOCK_N) // N
     n_imgs = (tl.minimum(k * BLOCK_N + BLOCK_N, R_img) - 1) // N - first_img + 1
@@ -122,6 +150,7 @@ def _max_similarity_fwd_kernel(
         if NORMALIZE:
             r_t = tl.load(txt_r_ptr + trows, mask=valid, other=0.0)
             sim = sim * r_i[:, None] * r_t[None, :]
+        sim = _nan_on_top(sim)  # maxima below and in the combine kernel: NaN propagates as in torch.amax
         # Eq. 5, partial: each text token's best token among this block's tokens of each image.
         for s in range(0, n_imgs):
             a = first_img + s
@@ -142,7 +171,7 @@ def _max_similarity_fwd_kernel(
                 arg = tl.where(better, arg, open_arg)
             if t * L + L <= t0 + BLOCK_L:
                 found = best > float("-inf")
-                tl.store(row_max_ptr + out_rows + t * N, tl.where(found, best, 0.0), mask=row_in)
+                tl.store(row_max_ptr + out_rows + t * N, tl.where(found, _top_as_nan(best), 0.0), mask=row_in)
                 jr = tl.where(found, arg, -1).to(row_arg_ptr.dtype.element_ty)
                 tl.store(row_arg_ptr + out_rows + t * N, jr, mask=row_in)
             else:
@@ -150,7 +179,7 @@ def _max_similarity_fwd_kernel(
 
 
 @triton.jit
-def _max_similarity_combine_kernel(
+def _max_similarity_forward_combine_kernel(
     img_w_ptr, txt_w_ptr, valid_ptr, row_max_ptr, part_max_ptr, part_arg_ptr,
     s_ptr, col_max_ptr, col_arg_ptr,
     Bt, N, L, R_txt,
@@ -172,7 +201,7 @@ def _max_similarity_combine_kernel(
         better = blk_max > best
         best = tl.where(better, blk_max, best)
         arg = tl.where(better, blk_arg, arg)
-    col = tl.where(valid, best, 0.0)
+    col = tl.where(valid, _top_as_nan(best), 0.0)
     tl.store(col_max_ptr + pair * L + offs_l, col, mask=offs_l < L)
     tl.store(col_arg_ptr + pair * L + offs_l, tl.where(valid, arg, -1), mask=offs_l < L)
     w_t = tl.load(txt_w_ptr + b * L + offs_l, mask=valid, other=0.0).to(tl.float32)
@@ -234,7 +263,7 @@ def _segment_sums(sorted_src, sorted_dest, first, R: tl.constexpr):
 
 
 @triton.jit
-def _max_similarity_bwd_prep_kernel(
+def _max_similarity_backward_prep_kernel(
     img_w_ptr, txt_w_ptr, ds_ptr, row_max_ptr, row_arg_ptr, col_max_ptr, col_arg_ptr,
     d_img_w_ptr, img_proj_ptr, row_keys_ptr, col_keys_ptr,
     Bt, N, L,
@@ -287,7 +316,7 @@ def _max_similarity_bwd_prep_kernel(
 
 
 @triton.jit
-def _max_similarity_bwd_img_kernel(
+def _max_similarity_backward_img_kernel(
     img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, valid_ptr, img_r_ptr, txt_r_ptr, ds_ptr,
     row_arg_ptr, col_keys_ptr, img_proj_ptr, d_img_ptr,
     Bt, N, L, C, eps,
@@ -334,7 +363,7 @@ def _max_similarity_bwd_img_kernel(
 
 
 @triton.jit
-def _max_similarity_bwd_txt_kernel(
+def _max_similarity_backward_txt_kernel(
     img_ptr, img_w_ptr, txt_w_ptr, img_r_ptr, ds_ptr, row_keys_ptr, col_arg_ptr, d_txt_part_ptr,
     Bi, Bt, N, L, C, TEXTS, IMAGES_PER_PROGRAM,
     NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -378,7 +407,8 @@ def _max_similarity_bwd_txt_kernel(
                 picked = tl.gather(
                     v, tl.broadcast_to(tl.where(here, ic - n0, 0)[:, None], (BLOCK_L, BLOCK_C)), 0
                 )
-                upd = g * (upd + w_t[:, None] * picked)
+                picked = tl.where(here[:, None], w_t[:, None] * picked, 0.0)  # not * 0: a NaN stays put
+                upd = g * (upd + picked)
                 d_hat += tl.where((offs_t == u)[:, None, None], upd[None, :, :], 0.0)
         img_ptr += N * C
     texts = (tile * TEXTS + offs_t).to(tl.int64)
@@ -388,7 +418,7 @@ def _max_similarity_bwd_txt_kernel(
 
 
 @triton.jit
-def _max_similarity_bwd_txt_finish_kernel(
+def _max_similarity_backward_txt_finish_kernel(
     txt_ptr, img_w_ptr, txt_w_ptr, valid_ptr, txt_r_ptr, ds_ptr, row_max_ptr, row_keys_ptr, col_max_ptr,
     d_txt_part_ptr, d_txt_ptr, d_txt_w_ptr,
     Bi, Bt, N, L, C, GROUPS, eps,
@@ -437,19 +467,7 @@ def _max_similarity_bwd_txt_finish_kernel(
             tl.store(d_txt_ptr + tile, d_hat.to(d_txt_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def interpreted() -> bool:
-    """Whether the kernels run in Triton's interpreter (CPU tensors allowed) rather than compiled.
-
-    triton.jit fixes the flavour from TRITON_INTERPRET at decoration time: for triton's own library (tl.sum,
-    tl.max) when triton is first imported, for these kernels when this module is. Mixed flavours cannot run.
-    """
-    ours = isinstance(_max_similarity_fwd_kernel, InterpretedFunction)
-    if ours != isinstance(tl.sum, InterpretedFunction):
-        raise RuntimeError(
-            "TRITON_INTERPRET changed between the first import of triton and that of "
-            "reclmis.kernels.max_similarity; set it (or leave it unset) before triton is first imported"
-        )
-    return ours
+_runtime.check_flavour(_max_similarity_forward_kernel, __name__)
 
 
 def _least_padded(rows: int, candidates: tuple[int, ...]) -> int:
@@ -527,13 +545,22 @@ def _target_programs(device: torch.device) -> int:
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     """1 / max(||x||, eps) over the last dimension, fp32, shape x.shape[:-1]."""
     r = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    _inv_norm_kernel[(triton.cdiv(r.numel(), ROWS_PER_PROGRAM),)](
+    _max_similarity_forward_norm_kernel[(triton.cdiv(r.numel(), ROWS_PER_PROGRAM),)](
         x, r, r.numel(), x.shape[-1], NORM_EPS, BLOCK_R=ROWS_PER_PROGRAM, BLOCK_C=NORM_BLOCK_C
     )
     return r
 
 
-def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("reclmis::max_similarity_forward", mutates_args=())
+def max_similarity_forward(
+    img: Tensor, txt: Tensor, img_weight: Tensor, txt_weight: Tensor, valid: Tensor, normalize: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """S (Bi, Bt) and what the backward needs: inverse norms (Bi, N), (Bt, L) (empty without normalize),
+    row_max, row_arg (Bi, Bt, N) and col_max, col_arg (Bi, Bt, L), the indices int16 (row_arg while L < 127)
+    or int32. Inputs contiguous; valid (Bt, L) uint8."""
     (bi, n, c), (bt, l, _) = img.shape, txt.shape
     cfg = _Config.of(bi, bt, n, l, c, img.dtype)
     f32 = {"dtype": torch.float32, "device": img.device}
@@ -548,7 +575,7 @@ def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
         torch.empty(blocks, cfg.slots, bt * l, **f32),
         torch.empty(blocks, cfg.slots, bt * l, **i32),
     )
-    _max_similarity_fwd_kernel[(blocks,)](
+    _max_similarity_forward_kernel[(blocks,)](
         img, txt, valid, img_r, txt_r, row_max, row_arg, part_max, part_arg,
         bt, n, l, c, bi * n, bt * l, NORM_EPS,
         NORMALIZE=normalize, RESIDENT=cfg.resident, PRECISION=cfg.precision,
@@ -556,83 +583,12 @@ def _forward(img, txt, img_weight, txt_weight, valid, normalize: bool):
         num_warps=cfg.num_warps,
     )  # fmt: skip
     s = torch.empty(bi, bt, **f32)
-    _max_similarity_combine_kernel[(bi, bt)](
+    _max_similarity_forward_combine_kernel[(bi, bt)](
         img_weight, txt_weight, valid, row_max, part_max, part_arg, s, col_max, col_arg,
         bt, n, l, bt * l,
         BLOCK_N=cfg.block_n, SLOTS=cfg.slots, BLOCK_L=cfg.bwd_l, BLOCK_R=cfg.bwd_r, num_warps=4,
     )  # fmt: skip
     return s, img_r, txt_r, row_max, row_arg, col_max, col_arg
-
-
-def _backward(d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_max, row_arg, col_max, col_arg,
-              normalize: bool, needs: list[bool]):  # fmt: skip
-    (bi, n, c), (bt, l, _) = img.shape, txt.shape
-    cfg = _Config.of(bi, bt, n, l, c, img.dtype)
-    d_s = d_s.float().contiguous()
-    f32 = {"dtype": torch.float32, "device": img.device}
-    i32 = {"dtype": torch.int32, "device": img.device}
-    none = img.new_empty(0)
-    d_img, d_txt, d_img_w, d_txt_w = none, none, none, none
-    row_keys = col_keys = none  # the orders of the sums by destination, for the text and image sides
-    blocks = {"BLOCK_R": cfg.bwd_r, "BLOCK_L": cfg.bwd_l, "num_warps": cfg.num_warps}
-    features = {**blocks, "num_warps": cfg.bwd_warps}
-    row_blocks, c_blocks = triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c)
-    if needs[0] or needs[1] or needs[2]:
-        d_img_w = torch.empty(bi, n, **f32)
-        img_proj = torch.empty(bi, n, **f32) if normalize and needs[0] else torch.empty(0, **f32)
-        if needs[1]:
-            row_keys = torch.empty(bi, bt, n, dtype=row_arg.dtype, device=img.device)
-        if needs[0]:
-            col_keys = torch.empty(bi, bt, l, **i32)
-        _max_similarity_bwd_prep_kernel[(bi, row_blocks)](
-            img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
-            d_img_w, img_proj, row_keys, col_keys,
-            bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0],
-            PICK_CHUNK=PICK_CHUNK, **blocks,
-        )  # fmt: skip
-        d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else d_img_w
-    if needs[0]:
-        d_img = torch.empty_like(img)
-        _max_similarity_bwd_img_kernel[(bi, row_blocks, c_blocks)](
-            img, txt, img_weight, txt_weight, valid, img_r, txt_r, d_s, row_arg, col_keys, img_proj, d_img,
-            bt, n, l, c, NORM_EPS, NORMALIZE=normalize, BLOCK_C=cfg.bwd_c, **features,
-        )  # fmt: skip
-    if needs[1] or needs[3]:
-        tiles = triton.cdiv(bt, cfg.texts)
-        groups = max(1, min(bi, _target_programs(img.device) // (tiles * c_blocks))) if needs[1] else 1
-        images_per_program = triton.cdiv(bi, groups)
-        groups = triton.cdiv(bi, images_per_program)
-        d_txt_part = torch.empty(groups, bt, l, c, **f32) if needs[1] else torch.empty(0, **f32)
-        if needs[1]:
-            _max_similarity_bwd_txt_kernel[(tiles, c_blocks, groups)](
-                img, img_weight, txt_weight, img_r, d_s, row_keys, col_arg, d_txt_part,
-                bi, bt, n, l, c, cfg.texts, images_per_program,
-                NORMALIZE=normalize, BLOCK_T=triton.next_power_of_2(cfg.texts), BLOCK_C=cfg.bwd_c, **features,
-            )  # fmt: skip
-        d_txt = torch.empty_like(txt) if needs[1] else none
-        d_txt_w = torch.empty(bt, l, **f32)
-        _max_similarity_bwd_txt_finish_kernel[(bt,)](
-            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_keys, col_max,
-            d_txt_part, d_txt, d_txt_w,
-            bi, bt, n, l, c, groups, NORM_EPS,
-            NORMALIZE=normalize, FEATURES=needs[1], BLOCK_C=cfg.bwd_c, **blocks,
-        )  # fmt: skip
-        d_txt_w = d_txt_w.to(txt_weight.dtype) if needs[3] else d_txt_w
-    grads = (d_img, d_txt, d_img_w, d_txt_w)
-    return tuple(g if need else g.new_empty(0) for g, need in zip(grads, needs, strict=True))  # no aliases
-
-
-Tensor = torch.Tensor
-
-
-@torch.library.custom_op("reclmis::max_similarity_forward", mutates_args=())
-def max_similarity_forward(
-    img: Tensor, txt: Tensor, img_weight: Tensor, txt_weight: Tensor, valid: Tensor, normalize: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """S (Bi, Bt) and what the backward needs: inverse norms (Bi, N), (Bt, L) (empty without normalize),
-    row_max, row_arg (Bi, Bt, N) and col_max, col_arg (Bi, Bt, L), the indices int16 (row_arg while L < 127)
-    or int32. Inputs contiguous; valid (Bt, L) uint8."""
-    return _forward(img, txt, img_weight, txt_weight, valid, normalize)
 
 
 @max_similarity_forward.register_fake
@@ -658,10 +614,60 @@ def max_similarity_backward(
     normalize: bool, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients w.r.t. img, txt, img_weight, txt_weight (an empty tensor where ``needs`` is False)."""
-    return _backward(
-        d_s, img, txt, img_weight, txt_weight, valid, img_r, txt_r, row_max, row_arg, col_max, col_arg,
-        normalize, needs,
-    )  # fmt: skip
+    (bi, n, c), (bt, l, _) = img.shape, txt.shape
+    cfg = _Config.of(bi, bt, n, l, c, img.dtype)
+    d_s = d_s.float().contiguous()
+    f32 = {"dtype": torch.float32, "device": img.device}
+    i32 = {"dtype": torch.int32, "device": img.device}
+    none = img.new_empty(0)
+    d_img, d_txt, d_img_w, d_txt_w = none, none, none, none
+    row_keys = col_keys = none  # the orders of the sums by destination, for the text and image sides
+    blocks = {"BLOCK_R": cfg.bwd_r, "BLOCK_L": cfg.bwd_l, "num_warps": cfg.num_warps}
+    features = {**blocks, "num_warps": cfg.bwd_warps}
+    row_blocks, c_blocks = triton.cdiv(n, cfg.bwd_r), triton.cdiv(c, cfg.bwd_c)
+    if needs[0] or needs[1] or needs[2]:
+        d_img_w = torch.empty(bi, n, **f32)
+        img_proj = torch.empty(bi, n, **f32) if normalize and needs[0] else torch.empty(0, **f32)
+        if needs[1]:
+            row_keys = torch.empty(bi, bt, n, dtype=row_arg.dtype, device=img.device)
+        if needs[0]:
+            col_keys = torch.empty(bi, bt, l, **i32)
+        _max_similarity_backward_prep_kernel[(bi, row_blocks)](
+            img_weight, txt_weight, d_s, row_max, row_arg, col_max, col_arg,
+            d_img_w, img_proj, row_keys, col_keys,
+            bt, n, l, NORMALIZE=normalize and needs[0], ROW_KEYS=needs[1], COL_KEYS=needs[0],
+            PICK_CHUNK=PICK_CHUNK, **blocks,
+        )  # fmt: skip
+        d_img_w = d_img_w.to(img_weight.dtype) if needs[2] else d_img_w
+    if needs[0]:
+        d_img = torch.empty_like(img)
+        _max_similarity_backward_img_kernel[(bi, row_blocks, c_blocks)](
+            img, txt, img_weight, txt_weight, valid, img_r, txt_r, d_s, row_arg, col_keys, img_proj, d_img,
+            bt, n, l, c, NORM_EPS, NORMALIZE=normalize, BLOCK_C=cfg.bwd_c, **features,
+        )  # fmt: skip
+    if needs[1] or needs[3]:
+        tiles = triton.cdiv(bt, cfg.texts)
+        groups = max(1, min(bi, _target_programs(img.device) // (tiles * c_blocks))) if needs[1] else 1
+        images_per_program = triton.cdiv(bi, groups)
+        groups = triton.cdiv(bi, images_per_program)
+        d_txt_part = torch.empty(groups, bt, l, c, **f32) if needs[1] else torch.empty(0, **f32)
+        if needs[1]:
+            _max_similarity_backward_txt_kernel[(tiles, c_blocks, groups)](
+                img, img_weight, txt_weight, img_r, d_s, row_keys, col_arg, d_txt_part,
+                bi, bt, n, l, c, cfg.texts, images_per_program,
+                NORMALIZE=normalize, BLOCK_T=triton.next_power_of_2(cfg.texts), BLOCK_C=cfg.bwd_c, **features,
+            )  # fmt: skip
+        d_txt = torch.empty_like(txt) if needs[1] else none
+        d_txt_w = torch.empty(bt, l, **f32)
+        _max_similarity_backward_txt_finish_kernel[(bt,)](
+            txt, img_weight, txt_weight, valid, txt_r, d_s, row_max, row_keys, col_max,
+            d_txt_part, d_txt, d_txt_w,
+            bi, bt, n, l, c, groups, NORM_EPS,
+            NORMALIZE=normalize, FEATURES=needs[1], BLOCK_C=cfg.bwd_c, **blocks,
+        )  # fmt: skip
+        d_txt_w = d_txt_w.to(txt_weight.dtype) if needs[3] else d_txt_w
+    grads = (d_img, d_txt, d_img_w, d_txt_w)
+    return tuple(g if need else g.new_empty(0) for g, need in zip(grads, needs, strict=True))  # no aliases
 
 
 @max_similarity_backward.register_fake
@@ -714,11 +720,7 @@ def max_similarity_triton(
 ) -> torch.Tensor:
     """S (Bi, Bt) fp32 of Eq. 4-5 without materialising the (Bi, Bt, N, L) tensor; inputs are checked by
     ``reclmis.ops.max_similarity``. txt_mask (Bt, L) bool, True = valid token (None: all valid)."""
-    if img.device.type == "cpu" and not interpreted():
-        raise RuntimeError(
-            "max_similarity_triton got CPU tensors but its kernels are compiled: running them on CPU takes "
-            "Triton's interpreter, i.e. TRITON_INTERPRET=1 set before triton is first imported"
-        )
+    _runtime.check_device(img.device, "max_similarity")
     if txt_mask is None:
         txt_mask = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
     valid = txt_mask.contiguous().view(torch.uint8)

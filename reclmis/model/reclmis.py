@@ -65,7 +65,10 @@ class RecLMIS(nn.Module):
             raise ValueError("a tokenizer is required when config.use_text is on")
         if text_encoder is None and config.text_encoder is not None:
             text_encoder = TextEncoder.from_pretrained(
-                config.text_encoder, config.max_text_len, frozen=config.text_encoder_frozen
+                config.text_encoder,
+                config.max_text_len,
+                frozen=config.text_encoder_frozen,
+                trust_remote_code=config.trust_remote_code,
             )
         self.text_encoder = text_encoder or TextEncoder.from_config(config, tokenizer)
         self.text_projection = nn.Conv1d(self.text_encoder.width, width, kernel_size=3, padding=1)
@@ -73,8 +76,8 @@ class RecLMIS(nn.Module):
             width,
             config.num_patches,
             config.interaction_heads,
-            residual=config.interaction_residual,
-            gate=config.interaction_gate,
+            injection=config.interaction_injection,
+            note_gate=config.interaction_gate,
             norm=config.interaction_norm,
         )
         self.poi_head = InterestWeights(width, config.w_head_dropout)  # W_poi
@@ -100,7 +103,10 @@ class RecLMIS(nn.Module):
         if not config.use_text:
             return cls(config)
         if config.text_encoder is not None:
-            return cls(config, NoteTokenizer.from_pretrained(config.text_encoder, config.max_text_len))
+            tokenizer = NoteTokenizer.from_pretrained(
+                config.text_encoder, config.max_text_len, trust_remote_code=config.trust_remote_code
+            )
+            return cls(config, tokenizer)
         if not notes:
             raise ValueError(
                 "training notes are required to build the tokenizer of a text encoder trained from scratch"
@@ -133,8 +139,12 @@ class RecLMIS(nn.Module):
         attention_mask: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         *,
+        text_features: torch.Tensor | None = None,
         return_weights: bool = False,
     ) -> RecLMISOutput:
+        """``text_features`` (B, L, text width): the text encoder's output for ``input_ids`` when it is
+        already known (a frozen encoder's cached features, ``TextFeatureCache``); the encoder then does not
+        run."""
         self._check_inputs(images, input_ids, attention_mask, masks)
         *skips, stage4 = self.encoder(images)  # stage4 (B, 8c, g, g)
         if not self.config.use_text:
@@ -144,10 +154,13 @@ class RecLMIS(nn.Module):
             return out
 
         text_mask = attention_mask.bool()
-        text = self.text_encoder(input_ids, text_mask)  # (B, L, text width)
-        text = masked_conv1d(self.text_projection, text, text_mask) * text_mask[..., None]  # E (B, L, C)
-        v_ci, e_ci = self.interaction(stage4, text, text_mask)  # V' (B, N, C), E' (B, L, C)
-        logits = self.decoder(v_ci.transpose(1, 2).reshape(stage4.shape), skips)
+        if text_features is None:
+            text_features = self.text_encoder(input_ids, text_mask)  # (B, L, text width)
+        text = (
+            masked_conv1d(self.text_projection, text_features, text_mask) * text_mask[..., None]
+        )  # E (B, L, C)
+        v_ci, decoder_input, e_ci = self.interaction(stage4, text, text_mask)  # V' (B, N, C), E' (B, L, C)
+        logits = self.decoder(decoder_input, skips)
         out = RecLMISOutput(logits)
         if self.training or return_weights:
             out.w_poi = self.poi_head(v_ci)
@@ -178,11 +191,13 @@ class RecLMIS(nn.Module):
             w_woi = text_mask.float() / text_mask.sum(1, keepdim=True).clamp_min(1)
         losses: dict[str, torch.Tensor] = {}
         if self.cvr is not None:
-            masked, _ = weighted_mask(visual, w_poi.detach(), cfg.img_mask_ratio)
+            # the weights are softmax outputs, valid by construction: no eager read-back of them
+            masked, _ = weighted_mask(visual, w_poi.detach(), cfg.img_mask_ratio, check_weights=False)
             v_hat = self.cvr(masked, None, text, w_woi, text_mask)
             losses["t2v"] = weighted_reconstruction_loss(v_hat, *self._targets(visual, w_poi))
         if self.clr is not None:
-            masked, _ = weighted_mask(text, w_woi.detach(), cfg.text_mask_ratio, lengths=text_mask.sum(1))
+            lengths = text_mask.sum(1)
+            masked, _ = weighted_mask(text, w_woi.detach(), cfg.text_mask_ratio, lengths, check_weights=False)
             e_hat = self.clr(masked, text_mask, visual, w_poi, None)
             losses["v2t"] = weighted_reconstruction_loss(e_hat, *self._targets(text, w_woi), text_mask)
         if self.logit_scale is not None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from reclmis.kernels import _runtime
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,38 +33,56 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: to
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
+def checks_values(t: torch.Tensor) -> bool:
+    """Whether the ops read input values back to the host to check them here: in eager mode, not while
+    torch.compile traces the op or a CUDA graph captures work on t's device, where a host read would break
+    the graph or the capture. The rule of every op: value errors in eager mode, never a host sync in a
+    compiled or captured step."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_finite_nonnegative(name: str, t: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    """A ValueError naming ``name`` and the first entry of the 2-D ``t`` (where ``valid``) that is negative,
+    NaN or infinite. Reads ``t`` on the host (one synchronisation for CUDA tensors): call it where
+    ``checks_values``."""
+    bad = ~(torch.isfinite(t) & (t >= 0))
+    if valid is not None:
+        bad &= valid
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be finite and >= 0; row {row} holds {t[row, col].item()} at column {col}"
+        )
+
+
 def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
     if backend not in allowed:
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def resolve_triton_backend(backend: str, op: str, name: str, t: torch.Tensor) -> str:
+    """Map ``backend`` to "reference" or "triton" for the op's input ``t`` (argument ``name``), whose device
+    and dtype the kernels' dot products take.
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_triton_backend(backend: str, device: torch.device, op: str) -> str:
-    """Map ``backend`` to "reference" or "triton" for a tensor on ``device``.
-
-    "auto" picks the fused kernel for CUDA tensors when Triton is installed and the reference elsewhere.
-    "triton" on CPU tensors is only meaningful under TRITON_INTERPRET=1 (how CI tests kernels).
+    "auto" picks the fused kernel for CUDA tensors when Triton is installed and can compute t's dtype, and
+    the reference elsewhere. "triton" on CPU tensors runs in Triton's interpreter only (how CI tests
+    kernels), which has no bfloat16: its dots would return garbage, so that is an error.
     """
     check_backend(backend, ("auto", "reference", "triton"))
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        if t.device.type != "cuda" or not _runtime.triton_available():
+            return "reference"
+        return "reference" if t.dtype == torch.bfloat16 and _runtime.interpreting() else "triton"
     if backend == "triton":
-        if not triton_available():
+        if not _runtime.triton_available():
             raise RuntimeError(f"{op}(backend='triton') needs the triton package, which is not installed")
-        if device.type != "cuda" and not triton_interpreting():
-            raise RuntimeError(
-                f"{op}(backend='triton') needs CUDA tensors (got {device}); on CPU the kernel runs only "
-                "under TRITON_INTERPRET=1, which is how the tests exercise it"
+        _runtime.check_device(t.device, op)
+        if t.dtype == torch.bfloat16 and _runtime.interpreting():
+            raise TypeError(
+                f"{op}(backend='triton') cannot compute {name} of dtype {t.dtype} in Triton's interpreter "
+                "(TRITON_INTERPRET=1), which has no bfloat16: use backend='reference' or float16/float32 "
+                "here, or the compiled kernels on a GPU"
             )
     return backend

@@ -12,13 +12,22 @@ text tokens query the image in the CLR.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from reclmis.ops._checks import check_dim, check_same_device, check_tensor, resolve_triton_backend
+from reclmis.kernels._constants import REWEIGHT_EPS
+from reclmis.ops._checks import (
+    check_dim,
+    check_finite_nonnegative,
+    check_same_device,
+    check_tensor,
+    checks_values,
+    resolve_triton_backend,
+)
 
 MODES = ("scale", "reweight")
 HEAD_DIMS = (16, 32, 64, 128, 256)
-REWEIGHT_EPS = 1e-10
 
 
 def conditioned_attention_reference(
@@ -85,8 +94,8 @@ def _validate(q, k, v, cond, key_padding_mask, mode, scale) -> None:
     check_same_device("q", q, k=k, v=v, cond=cond, key_padding_mask=key_padding_mask)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
 
 
 def conditioned_attention(
@@ -99,18 +108,32 @@ def conditioned_attention(
     mode: str = "scale",
     scale: float | None = None,
     backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Attention of q (B,H,Nq,D) over k, v (B,H,Nk,D) with per-key condition cond (B,Nk) >= 0.
 
     key_padding_mask (B,Nk) bool marks valid keys (True). Returns (B,H,Nq,D) in q's dtype; softmax
     statistics are fp32. A query row with no valid key returns zeros. Differentiable in q, k, v, cond.
     ``backend``: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton". The Triton path
-    runs the torch.library ops ``torch.ops.reclmis.conditioned_attention_fwd`` / ``_bwd`` (traceable by
-    torch.compile with fullgraph=True, capturable in CUDA graphs); it computes the dot products of fp32
-    inputs in TF32 on the GPU (about 1e-3 relative error; "reference" keeps full fp32 products).
+    runs the torch.library ops ``torch.ops.reclmis.conditioned_attention_forward`` / ``_backward``
+    (traceable by torch.compile with fullgraph=True, capturable in CUDA graphs); it computes the dot
+    products of fp32 inputs in TF32 on the GPU (about 1e-3 relative error; "reference" keeps full fp32
+    products). On CPU tensors "triton" runs in Triton's interpreter (TRITON_INTERPRET=1), which has no
+    bfloat16: bf16 q, k, v are a TypeError there.
+
+    Checks, for every backend: shapes, dtypes, devices, ``mode`` and ``scale`` (finite, > 0) at every call,
+    on the host without reading any tensor. ``cond`` at the valid keys (finite, >= 0) in eager mode: a
+    ValueError naming cond and its first bad entry, which reads cond back (one host synchronisation for
+    CUDA tensors). While torch.compile traces the op or a CUDA graph captures it, cond is not read (no
+    host sync inside a compiled or captured step, the rule weighted_mask follows too): a negative cond then
+    flips the sign of its key's logits ("scale") or gives NaN rows ("reweight"), and a NaN gives NaN.
+    ``check_values=False`` skips that read for a caller whose cond is valid by construction (the model's
+    softmax weights W_poi and W_woi), so that its eager training step never waits for the GPU either.
     """
     _validate(q, k, v, cond, key_padding_mask, mode, scale)
-    if resolve_triton_backend(backend, q.device, "conditioned_attention") == "reference":
+    if check_values and checks_values(cond):
+        check_finite_nonnegative("cond", cond, key_padding_mask)
+    if resolve_triton_backend(backend, "conditioned_attention", "q", q) == "reference":
         return conditioned_attention_reference(q, k, v, cond, key_padding_mask, mode=mode, scale=scale)
     from reclmis.kernels.conditioned_attention import conditioned_attention_triton
 

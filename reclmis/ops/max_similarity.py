@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from reclmis.kernels._constants import NORM_EPS
 from reclmis.ops._checks import check_dim, check_same_device, check_tensor, resolve_triton_backend
 
 
@@ -26,19 +27,20 @@ def max_similarity_reference(
     *,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch oracle: materialises the (Bi, Bt, N, L) similarity tensor, in fp32."""
-    img, txt = img.float(), txt.float()
-    if normalize:
-        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    """Plain PyTorch oracle: materialises the (Bi, Bt, N, L) similarity tensor, in fp32. A NaN propagates
+    to every maximum and sum it takes part in (torch.amax's rule); padded tokens take part in none."""
     if txt_mask is None:
         txt_mask = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
+    img, txt = img.float(), txt.float().masked_fill(~txt_mask[..., None], 0.0)
+    if normalize:
+        img, txt = F.normalize(img, dim=-1, eps=NORM_EPS), F.normalize(txt, dim=-1, eps=NORM_EPS)
     sim = torch.einsum("anc,blc->abnl", img, txt)  # (Bi, Bt, N, L)
     valid = txt_mask[None, :, None, :]  # (1, Bt, 1, L)
     img_to_txt = sim.masked_fill(~valid, float("-inf")).amax(dim=-1)  # (Bi, Bt, N): max over tokens
     img_to_txt = img_to_txt.masked_fill(~txt_mask.any(-1)[None, :, None], 0.0)
     txt_to_img = sim.amax(dim=-2).masked_fill(~txt_mask[None], 0.0)  # (Bi, Bt, L): max over patches
     s_img = torch.einsum("abn,an->ab", img_to_txt, img_weight.float())
-    s_txt = torch.einsum("abl,bl->ab", txt_to_img, txt_weight.float())
+    s_txt = torch.einsum("abl,bl->ab", txt_to_img, txt_weight.float().masked_fill(~txt_mask, 0.0))
     return 0.5 * (s_img + s_txt)
 
 
@@ -79,10 +81,11 @@ def max_similarity(
 
     txt_mask (Bt,L) bool marks valid tokens (True). Differentiable in img, txt and both weights; the
     gradient of a max flows to its argmax. ``backend``: "auto" (Triton on CUDA, reference elsewhere),
-    "reference" or "triton" (never allocates Bi*Bt*N*L elements).
+    "reference" or "triton" (never allocates Bi*Bt*N*L elements; on CPU tensors it runs in Triton's
+    interpreter, TRITON_INTERPRET=1, which has no bfloat16: bf16 img and txt are a TypeError there).
     """
     _validate(img, txt, img_weight, txt_weight, txt_mask)
-    if resolve_triton_backend(backend, img.device, "max_similarity") == "reference":
+    if resolve_triton_backend(backend, "max_similarity", "img", img) == "reference":
         return max_similarity_reference(img, txt, img_weight, txt_weight, txt_mask, normalize=normalize)
     from reclmis.kernels.max_similarity import max_similarity_triton
 

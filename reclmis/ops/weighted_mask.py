@@ -29,7 +29,14 @@ import warnings
 
 import torch
 
-from reclmis.ops._checks import check_backend, check_dim, check_same_device, check_tensor
+from reclmis.ops._checks import (
+    check_backend,
+    check_dim,
+    check_finite_nonnegative,
+    check_same_device,
+    check_tensor,
+    checks_values,
+)
 
 _ZERO_WEIGHT_OFFSET = 1.0e4  # below any log(w) + G with w > 0 (log of the smallest double is -745)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -136,10 +143,7 @@ def _validate_lengths(lengths: torch.Tensor | None, tokens: int) -> None:
 
 def _validate_weights(weight: torch.Tensor, lengths: torch.Tensor | None) -> None:
     """Weights at valid positions finite and >= 0 (padded positions are never read); one host sync."""
-    bad = ~(torch.isfinite(weight) & (weight >= 0)) & _valid_positions(weight, lengths)
-    if bool(bad.any()):
-        row = int(bad.any(1).nonzero()[0, 0])
-        raise ValueError(f"weight must be finite and >= 0; row {row} holds a negative, NaN or infinite value")
+    check_finite_nonnegative("weight", weight, _valid_positions(weight, lengths))
 
 
 @functools.cache
@@ -197,23 +201,24 @@ def weighted_mask(
     (with a warning, once) for CUDA tensors when it was built without its CUDA kernel.
 
     Errors: types, shapes, devices and ratio in [0, 1] are always checked. Lengths outside [0, T] and
-    negative, NaN or infinite weights at valid positions (padding is never read) raise a ValueError on
-    CPU, where the kernel checks them as it reads them. The CUDA kernel never syncs the host for them: by
-    default it clamps such a length to [0, T] and counts such a weight as zero; with
-    ``check_weights=True`` it also flags the row on the device, and the op reads the flags back and raises
-    (one sync, refused inside a CUDA graph capture). ``check_weights=None`` takes the switch from the
-    environment variable RECLMIS_CHECK_WEIGHTS=1, for debugging training runs. The reference checks both
-    on the host in eager mode; while torch.compile traces it, it skips these two checks (they would break
-    the graph) and clamps and zeroes like the CUDA kernel.
+    negative, NaN or infinite weights at valid positions (padding is never read) raise a ValueError in
+    eager mode, the rule of every op: the CPU kernel checks them as it reads them, the CUDA kernel flags
+    the rows on the device and the op reads the flags back (one host sync), the reference checks them on
+    the host. While torch.compile traces the op or a CUDA graph captures it, no host sync is allowed: the
+    CUDA kernel and the reference then clamp such a length to [0, T] and count such a weight as zero (the
+    CPU kernel still raises, which costs no sync). ``check_weights`` overrides the CUDA kernel's check:
+    False never syncs (not even in eager mode; the reference then skips its host checks too), True always
+    reads the flags back (refused inside a CUDA graph capture); None (default) checks in eager mode only, or also inside compiled steps with the
+    environment variable RECLMIS_CHECK_WEIGHTS=1, for debugging training runs.
     """
     _validate(x, weight, ratio, lengths)
     if not _use_extension(backend, x.device):
-        if not torch.compiler.is_compiling():
+        if check_weights is not False and checks_values(x):
             _validate_lengths(lengths, x.shape[1])
             _validate_weights(weight, lengths)
         return weighted_mask_reference(x, weight, ratio, lengths, seed=seed)
     if check_weights is None:
-        check_weights = os.environ.get(CHECK_WEIGHTS_ENV) == "1"
+        check_weights = checks_values(x) or os.environ.get(CHECK_WEIGHTS_ENV) == "1"
     return torch.ops.reclmis.weighted_mask(
         x, weight, float(ratio), lengths, seed_tensor(seed, x.device), bool(check_weights)
     )

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from reclmis.kernels._runtime import interpreting
+
 ROOT = Path(__file__).resolve().parents[2]
 SMEM_LIMIT_BYTES = {86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
 TENSOR_CORE_CLASSES = ("fp16", "bf16", "tf32", "tf32x3", "int8", "fp8")  # dot classes NVIDIA runs on mma
@@ -328,14 +330,6 @@ class _TorchOps(TorchDispatchMode):
 
 
 _ACTIVE: list[WorkRecorder] = []
-
-
-def interpreting() -> bool:
-    """Whether jitted functions are Triton's interpreted flavour (TRITON_INTERPRET=1 when triton was imported)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.sum, InterpretedFunction)
 
 
 @contextlib.contextmanager

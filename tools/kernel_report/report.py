@@ -1,8 +1,10 @@
 """Kernel report: what each fused op really does, without a GPU (DESIGN 5; the instruments are in
 ``tools/kernel_report/counting.py``).
 
-1. Work counted in Triton's interpreter. Each public op runs with ``backend="triton"`` on CPU tensors under
-   TRITON_INTERPRET=1, forward and backward, with every launch, ``tl.dot``, global load and store counted.
+1. Work counted in Triton's interpreter. Each op's Triton entry point (``conditioned_attention_triton``,
+   ``max_similarity_triton``: what ``backend="triton"`` runs after the public op's input checks) runs on CPU
+   tensors under TRITON_INTERPRET=1, forward and backward, with every launch, ``tl.dot``, global load and
+   store counted.
    Per op and direction: launches (Triton kernels + torch operations between them), executed dot flops
    (2*M*N*K of every ``tl.dot``, tile padding included) against the useful flops of the equation, and issued
    global load/store bytes against the minimum (each input read once, each output written once).
@@ -186,7 +188,7 @@ def make_call(case: Case, seed: int = 0) -> Call:
     dtype = getattr(torch, case.dtype)
     if case.op == "conditioned_attention":
         from benchmarks.bench_conditioned_attention import eager
-        from reclmis.ops import conditioned_attention
+        from reclmis.kernels.conditioned_attention import conditioned_attention_triton
 
         s = case.shape
         b, h, nq, nk, d = s["B"], s["H"], s["Nq"], s["Nk"], s["D"]
@@ -203,14 +205,15 @@ def make_call(case: Case, seed: int = 0) -> Call:
         return Call(
             leaves=leaves,
             others=[] if mask is None else [mask],
-            fused=lambda x: conditioned_attention(*x, mask, mode=mode, backend="triton"),
+            fused=lambda x: conditioned_attention_triton(*x, mask, mode=mode),
             reference=lambda x: eager(*x, mask, mode, scale),
             grad_out=dout,
             backward_reads_output=True,
             # QK^T and PV; the backward's dP, dQ, dK, dV (a flash-style backward also recomputes QK^T: 2.5x fwd)
             useful_flops={"fwd": 4 * b * h * nq * nk * d, "bwd": 8 * b * h * nq * nk * d},
         )
-    from reclmis.ops import max_similarity, max_similarity_reference
+    from reclmis.kernels.max_similarity import max_similarity_triton
+    from reclmis.ops import max_similarity_reference
 
     s = case.shape
     b, n, l, c = s["B"], s["N"], s["L"], s["C"]
@@ -222,7 +225,7 @@ def make_call(case: Case, seed: int = 0) -> Call:
     return Call(
         leaves=[t.requires_grad_() for t in (img, txt, img_w, txt_w)],
         others=[mask],
-        fused=lambda x: max_similarity(*x, mask, backend="triton"),
+        fused=lambda x: max_similarity_triton(*x, mask),
         reference=lambda x: max_similarity_reference(*x, mask),
         grad_out=d_s,
         backward_reads_output=False,

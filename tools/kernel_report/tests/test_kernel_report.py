@@ -1,7 +1,7 @@
 """The kernel report's instruments (tools/kernel_report/counting.py) and the compile facts of the fused ops.
 
 The counters are checked against hand-computed values on small handwritten kernels. The compile facts are
-checked on every launch the public ops make at the paper shapes, whatever kernels they are: each compiles for
+checked on every launch the fused ops make at the paper shapes, whatever kernels they are: each compiles for
 sm_86 and sm_90, fits sm_86's shared memory, and runs its fp16/bf16 dots on tensor cores.
 """
 
@@ -142,7 +142,7 @@ PAPER_CASES = [
 
 @pytest.fixture(scope="module")
 def paper_launches() -> list[tuple[Case, dict, dict]]:
-    """(case, launch, compile facts) for every launch the public ops make at the paper shapes."""
+    """(case, launch, compile facts) for every launch the fused ops make at the paper shapes."""
     if NO_NVIDIA_BACKEND is not None:
         pytest.skip(NO_NVIDIA_BACKEND)
     captured = [(case, launch) for case in PAPER_CASES for launch in capture_launches(case)]
