@@ -733,6 +733,8 @@ def test_augmentation_rejects_bad_arguments():
         TrainAugmentation(blur_prob=1.5)
     with pytest.raises(ValueError, match="interpolation"):
         TrainAugmentation(interpolation="cubic")
+    with pytest.raises(ValueError, match="hue_delta"):
+        TrainAugmentation(hue_delta=1.5)
     with pytest.raises(ValueError, match="mask must be"):
         TrainAugmentation()(torch.rand(3, 8, 8), torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match="note_frame"):

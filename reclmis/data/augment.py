@@ -18,12 +18,14 @@ it with the batch, and nothing waits for the device. The note's rewrite (:func:`
 on the host; :class:`~reclmis.data.note_table.NoteTable` does it by table look-up.
 
 The colour step (``rgb_to_hsv``, then scaling the saturation S and shifting the hue H, then ``hsv_to_rgb``)
-in closed form, with V the largest channel and D the largest minus the smallest:
+in closed form, with V the largest channel, D the largest minus the smallest, ``a`` the saturation scale
+(so V S' = V min(a S, 1) = min(a D, V)) and h = 6 H' the shifted hue in sixths of the circle:
 
-    channel_n = V - min(a D, V) * clamp(min(k_n, 4 - k_n), 0, 1),   k_n = (n + 6 H') mod 6,
+    channel = V - min(a D, V) * clamp(2 - d(h, c), 0, 1),
 
-n = 5, 3, 1 for red, green, blue, ``a`` the saturation scale (V S' = V min(a S, 1) = min(a D, V)) and
-H' the shifted hue. It equals the per-sample round trip up to float rounding.
+d the distance around the circle of six and c = 3, 5, 1 for red, green and blue (the hue where that
+channel is the smallest): ``hsv_to_rgb``'s clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6, n = 5, 3, 1.
+It equals the per-sample round trip up to float rounding.
 """
 
 from __future__ import annotations
@@ -281,11 +283,11 @@ def _colour(images: torch.Tensor, saturation: torch.Tensor, hue: torch.Tensor) -
     sector = torch.where(is_red, 0.0, torch.where(is_green, 2.0, 4.0)).add_(
         _per_sample(6.0 * hue + 12.0, value)
     )
-    # (sector + numerator / delta) mod 6, by the fraction of a positive number (|6 hue| < 12)
+    # (sector + numerator / delta + 6 hue) mod 6 as the fraction of a positive number (|hue| <= 1, + 12)
     hue6 = torch.addcdiv(sector, numerator, delta.clamp_min(1e-12))
     hue6 = hue6.div_(6.0).frac_().mul_(6.0)
     chroma = torch.minimum(delta * _per_sample(saturation, delta), value)  # V * S'
-    # clamp(min(k, 4 - k), 0, 1) with k = (n + H') mod 6 is clamp(2 - d, 0, 1), d the distance from H' to
+    # clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6 is clamp(2 - d, 0, 1), d the distance from h to
     # 2 - n around the circle of six: 3, 5 and 1 for red, green and blue
     centre = _to(torch.tensor(_HSV_CENTRES, dtype=images.dtype), images).view(1, 3, 1, 1)
     distance = (hue6[:, None] - centre).abs_()

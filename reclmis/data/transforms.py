@@ -213,6 +213,8 @@ class TrainAugmentation:
         ):
             if not 0.0 <= low <= high:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(low, high)}")
+        if not 0.0 <= hue_delta <= 1.0:
+            raise ValueError(f"hue_delta must be a fraction of the colour circle in [0, 1], got {hue_delta}")
         if interpolation not in ("bilinear", "nearest"):
             raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
         if note_frame is not None and note_frame not in FRAMES:
