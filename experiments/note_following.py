@@ -80,6 +80,12 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "gated": {"model": {"interaction_injection": "gated"}},
     "gated_minilm": {"model": {"text_encoder": MINILM, "max_text_len": 28}},  # its tokenizer's notes: <= 25
     "zero_init": {"model": {"interaction_injection": "zero_init"}},
+    "gated_official_weights": {
+        "model": {"interaction_injection": "gated", "loss_weights": auxiliary_weights()}
+    },
+    "zero_init_official_weights": {
+        "model": {"interaction_injection": "zero_init", "loss_weights": auxiliary_weights()}
+    },
     "zero_init_minilm": {
         "model": {"interaction_injection": "zero_init", "text_encoder": MINILM, "max_text_len": 28}
     },
