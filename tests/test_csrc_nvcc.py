@@ -98,7 +98,15 @@ def _cached_torch_headers(version: str) -> tuple[TorchHeaders | None, str]:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet"]
             command += ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"]
-            command += ["--abi", "cp312", "--platform", "manylinux_2_28_x86_64", "-d", tmp, f"torch=={version}"]
+            command += [
+                "--abi",
+                "cp312",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                "-d",
+                tmp,
+                f"torch=={version}",
+            ]
             try:
                 result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
             except subprocess.TimeoutExpired:
