@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,11 @@ def find_python312(explicit: str | None) -> str:
     sys.exit("dry run: no Python 3.12 found (--python PATH, python3.12 on PATH, or pyenv install 3.12)")
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Steps:
     """Runs commands as named steps, recording each one's command, seconds, status and output tail."""
 
@@ -68,8 +74,9 @@ class Steps:
 
     def run(self, name: str, command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
         print(f"dry run: {name}: {' '.join(command)}", flush=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _children_cpu_seconds()
         result = subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
+        cpu = _children_cpu_seconds() - cpu_start
         output = "\n".join(
             line
             for line in (result.stdout + result.stderr).splitlines()
@@ -79,6 +86,7 @@ class Steps:
             "step": name,
             "command": " ".join(command),
             "seconds": round(time.perf_counter() - start, 1),
+            "cpu_seconds": round(cpu, 1),  # user + system of the processes it ran, for time estimates
             "status": "passed" if result.returncode == 0 else "failed",
             "returncode": result.returncode,
             "output_tail": output[-3000:],
