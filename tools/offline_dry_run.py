@@ -107,14 +107,16 @@ class Steps:
         return all(r["status"] == "passed" for r in self.records)
 
 
-def offline_env() -> dict[str, str]:
-    """The environment of the node: no pip configuration or index, the CUDA architecture of an H200."""
+def offline_env(triton_cache: Path) -> dict[str, str]:
+    """The environment of the node: no pip configuration or index, the CUDA architecture of an H200, and an
+    empty Triton cache (every launch is compiled, as on a fresh node)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("PIP_") and k not in ("CUDA_HOME", "CUDA_PATH")
     }
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INPUT="1", TORCH_CUDA_ARCH_LIST=ARCH)
+    env["TRITON_CACHE_DIR"] = str(triton_cache)
     return env
 
 
@@ -216,7 +218,7 @@ def dry_run(args: argparse.Namespace) -> int:
     copy_checkout(checkout)
     shutil.copytree(wheelhouse, checkout / "wheelhouse")
     prefix, network = no_network_prefix()
-    env = offline_env()
+    env = offline_env(checkout / "build" / "triton-cache")
     steps.run(
         "offline install", [*prefix, site_python, "tools/wheelhouse.py", "install"], cwd=checkout, env=env
     )
