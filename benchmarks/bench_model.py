@@ -107,7 +107,10 @@ def compiled_side_by_side(
     """Median time of each callable over ``rounds`` alternating rounds of ``reps`` calls (so that a change
     in the machine's load hits every variant alike), after its first (compiling) call and two warm-up calls
     (CUDA graphs are recorded there). min_ms, the fastest call, is the figure least disturbed by other load."""
-    first = {name: _first_call_seconds(fn, device) for name, fn in runs.items()}
+    first = {}
+    for name, fn in runs.items():
+        first[name] = _first_call_seconds(fn, device)
+        print(f"{name}: first call (compilation for the compiled ones) {first[name]:.1f} s", flush=True)
     for fn in runs.values():
         fn()
         fn()
