@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU report, made to fit tries of at most ten minutes on a GPU node, air-gapped or not (docs/install.md).
+# The GPU report, made to fit tries of at most ten minutes on a GPU node, air-gapped or not (docs/performance.md;
+# the wheelhouse for an air-gapped node: docs/install.md).
 #
 #   bash benchmarks/gpu_session.sh install gpu_tests ops        # call 1: install, GPU tests, op benchmarks
 #   bash benchmarks/gpu_session.sh install train inference      # call 2: the model (install: skipped when done)
@@ -27,7 +28,7 @@
 #   inference  (150 s; 35-60 s) ms/image at batch 1, eager and compiled
 # Call 1's caps sum to 580 s, call 2's to 540 s (with its install). All stages: 5-9 min expected, about 6 at
 # the lower figures; nearly all of it compilation, so the repetitions are set to cost under 30 s in all. The
-# estimate (counts of compilations, times measured without a GPU) is in docs/install.md (The GPU session).
+# estimate (counts of compilations, times measured without a GPU): docs/performance.md, Running the GPU report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SELF="benchmarks/gpu_session.sh"

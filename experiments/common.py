@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import environment, write_results
-from reclmis.config import LossWeights
+from reclmis.config import AUXILIARY_TERMS, LossWeights
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -26,7 +26,7 @@ def auxiliary_weights(divisor: int = 1) -> dict[str, float]:
     recipe's ``loss_weights`` override. Divided, not multiplied, so that a hundredth of 0.2 is the float 0.002
     that a recipe spells."""
     official = LossWeights()
-    return {"v2t": official.v2t / divisor, "t2v": official.t2v / divisor, "ccl": official.ccl / divisor}
+    return {name: getattr(official, name) / divisor for name in AUXILIARY_TERMS}
 
 
 def gather_rows(

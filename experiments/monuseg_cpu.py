@@ -1,6 +1,6 @@
-"""The MoNuSeg table of the README: configs/monuseg_cpu.yaml trained on 2 CPU cores, then evaluated on
-Test_Folder (best.pt, chosen by validation Dice, and last.pt), for the rows of the paper's Table III that run
-here and this project's switches:
+"""The MoNuSeg study (docs/experiments/monuseg.md): configs/monuseg_cpu.yaml trained on 2 CPU cores, then
+evaluated on Test_Folder (best.pt, chosen by validation Dice, and last.pt), for the rows of the paper's
+Table III that run here and this project's switches:
 
 - reclmis:             the recipe as it is (note-consistent flips and turns, same-note pairs no negatives);
 - no_ccl, no_recon:    without the contrastive loss; without both reconstructions (CVR and CLR);

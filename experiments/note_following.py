@@ -11,8 +11,8 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 - no_ccl:            without the contrastive loss L_CCL (paper Table III);
 - no_aux:            CI alone: without L_CCL and both reconstructions (CVR, CLR);
 - aux_tenth:         the three auxiliary losses (CVR, CLR, L_CCL) at a tenth of the official weights;
-- aux_hundredth:     at a hundredth (the recipe's own weights since commit 33e1efa);
-- official_weights:  at the official weights (the recipe before 33e1efa);
+- aux_hundredth:     at a hundredth (the recipe's own weights);
+- official_weights:  at the official weights (the model's default and the paper recipes');
 - same_note_negatives: the official contrastive loss, whose negatives include pairs of images with the same
                      note;
 - official_ci:       CI exactly as the official code (no residual connections: the note reaches the decoder
@@ -28,9 +28,9 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 A model that follows the note scores about the same on both splits; one that ignores it cannot, because the
 counterfactual masks cover other lesions of the same pictures. Each row also holds the test split scored
 with shuffled notes (another image's) and with one constant note (``reclmis evaluate --notes``): a model
-that reads its note loses Dice there. Rows keep the validation Dice of every epoch too: at the official
-auxiliary weights a model learned to read its note in a sudden jump (from the image-only plateau near 60 to
-about 80 within a few epochs), late or not at all within the budget.
+that reads its note loses Dice there. Rows keep the validation Dice of every epoch too, which shows when a
+model starts reading its note (a jump from the image-only plateau). The tables of
+docs/experiments/note_following.md are generated from these results files (experiments/tables.py).
 
     python experiments/note_following.py --out experiments/results/note_following_cpu.json
     python experiments/note_following.py --threads 1 --variants gate --out /tmp/gate.json   # one variant alone

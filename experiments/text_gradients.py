@@ -24,11 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import auxiliary_weights, environment, write_study
-from reclmis.config import LossWeights, load_recipe
+from reclmis.config import AUXILIARY_TERMS, SEGMENTATION_TERMS, LossWeights, load_recipe
 from reclmis.data import LViTDataset, make_synthetic
 from reclmis.model import RecLMIS
 
-AUXILIARY, SEGMENTATION = ("v2t", "t2v", "ccl"), ("dice", "bce")
 WEIGHTINGS = {
     "official": LossWeights(),
     "auxiliary_tenth": LossWeights(**auxiliary_weights(10)),
@@ -55,7 +54,7 @@ def text_gradients(recipe: Path, data: Path, seed: int, batches: int) -> dict:
     torch.manual_seed(seed)
     model = RecLMIS.build(model_config, [train[i]["text"] for i in range(len(train))]).train()
     params = [p for n, p in model.named_parameters() if n.startswith(("text_encoder.", "text_projection."))]
-    terms = AUXILIARY + SEGMENTATION
+    terms = AUXILIARY_TERMS + SEGMENTATION_TERMS
     raw = {name: 0.0 for name in terms}
     summed = {(w, part): 0.0 for w in WEIGHTINGS for part in ("auxiliary", "segmentation")}
     for b in range(batches):
@@ -67,7 +66,7 @@ def text_gradients(recipe: Path, data: Path, seed: int, batches: int) -> dict:
             raw[name] += _norm(_grad(losses[name], params)) / batches
         for wname, w in WEIGHTINGS.items():
             weight = w.per_term()
-            for part, names in (("auxiliary", AUXILIARY), ("segmentation", SEGMENTATION)):
+            for part, names in (("auxiliary", AUXILIARY_TERMS), ("segmentation", SEGMENTATION_TERMS)):
                 loss = sum(weight[n] * losses[n] for n in names)
                 summed[wname, part] += _norm(_grad(loss, params)) / batches
     weighted = {

@@ -21,6 +21,7 @@ from reclmis.data.note_probe import NOTE_PROBES
 TRAIN_FLAGS = {  # CLI flag -> (section, field)
     "image_size": ("model", "image_size"),
     "text_encoder": ("model", "text_encoder"),
+    "trust_remote_code": ("model", "trust_remote_code"),
     "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"),
     "lr": ("train", "lr"),
@@ -102,10 +103,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.notes is not None:
         metrics["probe"] = evaluate(model, args.data, args.split, notes=args.notes, **scoring)
         rows.append((args.notes, metrics["probe"]))
-    print(f"{'split':<8}{'notes':<10}{'images':>8}{'Dice':>10}{'IoU':>10}")
+    print(
+        f"{'split':<8}{'notes':<10}{'images':>8}{'Dice':>10}{'IoU':>10}{'pooled Dice':>14}{'pooled IoU':>12}"
+    )
     for notes, row in rows:
-        print(f"{args.split:<8}{notes:<10}{row['n']:>8}{100 * row['dice']:>10.2f}{100 * row['iou']:>10.2f}")
-    print(f"masks resized {mask_resize}; both-empty images score {empty_score:g}")
+        scores = [100 * row[key] for key in ("dice", "iou", "pooled_dice", "pooled_iou")]
+        print(f"{args.split:<8}{notes:<10}{row['n']:>8}" + "".join(
+            f"{score:>{width}.2f}" for score, width in zip(scores, (10, 10, 14, 12), strict=True)))  # fmt: skip
+    print(f"Dice and IoU per image, averaged over images (LViT, RecLMIS); pooled: over every pixel of the "
+          f"split (torchmetrics). Masks resized {mask_resize}; both-empty images score {empty_score:g}")  # fmt: skip
     if args.json:
         write_metrics_json(metrics, args.json)
     if args.save_predictions:
@@ -187,7 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder for checkpoints and logs (default runs/<data>-<time>)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"))
     train.add_argument("--seed", type=int)
-    train.add_argument("--text-encoder", help="local Hugging Face directory of a pretrained CLIP text model")
+    train.add_argument(
+        "--text-encoder",
+        help="a pretrained Hugging Face text model: a local directory saved "
+        "with save_pretrained, or a hub id (fetched only then); frozen unless "
+        "--set model.freeze_text_encoder=false",
+    )
+    train.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="let --text-encoder run the code it ships (CXR-BERT); review it first",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--workers", type=int, help="DataLoader worker processes")
     train.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))

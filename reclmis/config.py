@@ -19,6 +19,13 @@ AUGMENTATIONS = ("full", "official", "photometric", "none")
 NOTE_FRAMES = ("image", "radiological", "axial")
 
 
+# The loss terms of Eq. 11 as RecLMISOutput.losses, LossWeights.per_term and the training logs name them:
+# L_T2V (CVR, Eq. 8), L_V2T (CLR, Eq. 10), L_CCL (Eq. 6) and the two halves of L_seg.
+AUXILIARY_TERMS = ("t2v", "v2t", "ccl")
+SEGMENTATION_TERMS = ("dice", "bce")
+LOSS_TERMS = (*SEGMENTATION_TERMS, *AUXILIARY_TERMS)
+
+
 @dataclass
 class LossWeights:
     """Eq. 11: L = v2t * L_V2T + t2v * L_T2V + ccl * L_CCL + seg * (dice * L_Dice + bce * L_BCE).
@@ -39,9 +46,10 @@ class LossWeights:
                 raise ValueError(f"loss_weights.{name} must be non-negative, got {value}")
 
     def per_term(self) -> dict[str, float]:
-        """The weight of each loss term in Eq. 11 (the segmentation weight folded into Dice and BCE)."""
-        return {"v2t": self.v2t, "t2v": self.t2v, "ccl": self.ccl, "dice": self.seg * self.dice,
-                "bce": self.seg * self.bce}  # fmt: skip
+        """The weight of each term of ``LOSS_TERMS`` in Eq. 11 (the segmentation weight folded into Dice
+        and BCE)."""
+        weights = {name: getattr(self, name) for name in AUXILIARY_TERMS}
+        return weights | {name: self.seg * getattr(self, name) for name in SEGMENTATION_TERMS}
 
 
 @dataclass
@@ -51,25 +59,29 @@ class RecLMISConfig:
     image_size: int = 224
     in_channels: int = 3
     base_channels: int = 64  # c: the U-Net runs c, 2c, 4c, 8c, 8c; visual tokens have width 8c
-    # CLIP-style text tower (transformers.CLIPTextModel); ignored when text_encoder names a local directory
     max_text_len: int = 18  # L: tokens per note, padding included (18 QaTa/MosMed, 10 MoNuSeg)
+    # the text tower trained from scratch (ignored when text_encoder names a pretrained model)
     vocab_size: int = 4096  # size of the BPE tokenizer trained on the notes
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
-    text_encoder: str | None = None  # local Hugging Face directory with a CLIP text model and tokenizer
-    freeze_text_encoder: bool = True  # applies to a loaded (pretrained) text encoder only
+    # a pretrained Hugging Face text model and its tokenizer: a local directory or a hub id (CLIP text towers,
+    # the BERT family, models with their own code behind trust_remote_code); None: a CLIP-style tower sized
+    # by text_width/text_layers/text_heads, trained from scratch with a BPE tokenizer fitted on the notes
+    text_encoder: str | None = None
+    freeze_text_encoder: bool = True  # applies to a pretrained text encoder only
+    trust_remote_code: bool = False  # let a pretrained text encoder run the code it ships (CXR-BERT)
     interaction_heads: int = 4
     # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
-    # official code, where the note reaches the decoder only through attention patterns (see README)
+    # official code, where the note reaches the decoder only through attention patterns (docs/differences.md)
     interaction_residual: bool = True
     # gated text injection in CI: V' = g * V + MHA(V, E') with g = 2 sigmoid(Linear(MHA(V, E'))) per patch and
     # channel, zero-initialised (g = 1: the ungated model at the start), so the note can also scale visual
     # features down, e.g. a lesion it does not name; off = the paper's sum
     interaction_gate: bool = False
     # LayerNorm on each CI attention's output before it is added: E' = E + LN(MHA(E, V)),
-    # V' = V + LN(MHA(V, E')). Without it nothing bounds what the attentions add: on MoNuSeg MHA(V, E') grows
-    # to 4-1500x V's RMS (benchmarks/results/monuseg_diagnosis_cpu.json); off = the paper's sum
+    # V' = V + LN(MHA(V, E')), which bounds what the attentions add to E and V whatever scale their weights
+    # reach (docs/differences.md); off = the paper's sum
     interaction_norm: bool = False
     # each reconstructor (CVR, CLR): a memory stack encoding the condition source, then a reconstruction
     # stack rebuilding the masked tokens (the official DualTransformer: 3 + 3, 4 + 4 in the QaTa recipe)
@@ -78,7 +90,7 @@ class RecLMISConfig:
     recon_heads: int = 4
     recon_dropout: float = 0.1
     # the official causal mask in the reconstructors' self-attentions (token i attends to tokens <= i, in
-    # raster order for the image); off by default (see README)
+    # raster order for the image); off by default (docs/differences.md)
     recon_causal: bool = False
     attention_mode: str = "reweight"  # "reweight" (official code) or "scale" (literal Eq. 7)
     # dropout on V' and E' before the W_poi / W_woi heads, in training (official: 0.5 MosMed and MoNuSeg)
@@ -242,9 +254,13 @@ class TrainConfig:
     sync_batchnorm: bool = False
     global_contrastive: bool | None = None  # None: on when the world size is above 1
     cache_images: bool = True
-    # torch.compile the model (off until measured: README, Performance). compile_mode "auto" is
-    # "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on CUDA and
-    # the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick check)
+    # features of a frozen pretrained text encoder kept per distinct tokenised note (so the tower runs once
+    # per note, not once per step): at most this many notes on the model's device; 0 runs it every step
+    text_cache_size: int = 8192
+    # torch.compile the model (off by default until measured on a GPU: docs/performance.md). compile_mode
+    # "auto" is "reduce-overhead" (CUDA graphs) on one CUDA device, "max-autotune-no-cudagraphs" under DDP on
+    # CUDA and the default mode on CPU; compile_backend "aot_eager" traces without generating code (a quick
+    # check)
     compile: bool = False
     compile_mode: str = "auto"
     compile_backend: str = "inductor"
@@ -280,6 +296,10 @@ class TrainConfig:
             raise ValueError(f"restart_epochs must be at least 1, got {self.restart_epochs}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.text_cache_size < 0:
+            raise ValueError(
+                f"text_cache_size must be non-negative (0 disables the cache), got {self.text_cache_size}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
 

@@ -37,7 +37,8 @@ def evaluate(
     empty_score: float = 1.0,
     notes: str = "own",
 ) -> dict[str, float | int | str]:
-    """Per-image Dice and IoU at threshold 0.5, averaged over the images of ``split``.
+    """Dice and IoU at threshold 0.5 on ``split``, in both protocols (``reclmis.metrics``): per image and
+    averaged over images ("dice", "iou"), and pooled over every pixel ("pooled_dice", "pooled_iou").
 
     Ground-truth masks are resized to the model's input by ``mask_resize`` ("nearest", or "bilinear" then
     > 0 as the official loader); an image whose mask and prediction are both empty scores ``empty_score``
@@ -82,7 +83,9 @@ def evaluate(
             writer = csv.writer(handle)
             writer.writerow(["image", "dice", "iou"])
             writer.writerows((name, f"{float(d):.6f}", f"{float(i):.6f}") for name, d, i in rows)
-    return meter.compute() | {"mask_resize": mask_resize, "empty_score": empty_score, "notes": notes}
+    protocols = {"dice": "per image, mean over images", "pooled_dice": "pooled over every pixel of the split"}
+    return meter.compute() | {"protocols": protocols, "mask_resize": mask_resize, "empty_score": empty_score,
+                              "notes": notes}  # fmt: skip
 
 
 @dataclass

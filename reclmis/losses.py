@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from reclmis.ops import max_similarity
@@ -70,6 +70,17 @@ def same_note_pairs(
     return (ids[:, None, :] == other_ids[None, :, :]).all(-1)
 
 
+@dataclass(frozen=True)
+class GlobalBatch:
+    """How this process's B pairs join the global batch of L_CCL under R processes: ``gather``
+    concatenates a (B, ...) tensor of every process along dim 0 in rank order, keeping gradients (e.g.
+    ``reclmis.train.distributed.all_gather_with_grad``); ``rank`` is this process's index, so its pairs
+    are rows rank * B .. rank * B + B - 1 of the gathered batch."""
+
+    gather: Callable[[torch.Tensor], torch.Tensor]
+    rank: int
+
+
 def conditioned_contrastive_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
@@ -80,30 +91,31 @@ def conditioned_contrastive_loss(
     *,
     note_ids: torch.Tensor | None = None,
     backend: str = "auto",
-    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    global_batch: GlobalBatch | None = None,
 ) -> torch.Tensor:
     """Eq. 4-6: S = max_similarity(V, E, W_poi, W_woi); L_CCL = 0.5 * (CE(s S, diag) + CE(s S^T, diag)).
 
     img (B, N, C) stage-4 visual tokens, txt (B, L, C) projected text tokens, scale = exp(logit scale).
     With ``note_ids`` (B, L), the token ids of the notes, a pair of different images whose notes are the
     same (:func:`same_note_pairs`) is no negative: its logits are -inf in both cross-entropies.
-    With ``gather`` (an all-gather with gradients over R processes holding B pairs each), the loss runs
-    over the global batch as in CLIP: this process scores its B images against all R*B texts and all R*B
-    images against its B texts; the mean of the R processes' losses equals the single-process loss on the
-    concatenated batch.
+    With ``global_batch`` (R processes holding B pairs each), the loss runs over the global batch as in
+    CLIP: this process scores its B images against all R*B texts and all R*B images against its B texts;
+    the mean of the R processes' losses equals the single-process loss on the concatenated batch.
     """
-    if gather is None:
+    if global_batch is None:
         all_img, all_w_poi, all_txt, all_w_woi, all_mask, all_ids = img, w_poi, txt, w_woi, txt_mask, note_ids
+        offset = 0
     else:
+        gather = global_batch.gather
         all_img, all_w_poi = gather(img), gather(w_poi)
         all_txt, all_w_woi, all_mask = gather(txt), gather(w_woi), gather(txt_mask)
         all_ids = gather(note_ids) if note_ids is not None else None
+        offset = global_batch.rank * img.shape[0]
     img_to_txt = max_similarity(img, all_txt, w_poi, all_w_woi, all_mask, backend=backend) * scale  # (B, RB)
-    if gather is None:
+    if global_batch is None:
         txt_to_img = img_to_txt.T  # (B, B)
     else:
         txt_to_img = max_similarity(all_img, txt, all_w_poi, w_woi, txt_mask, backend=backend).T * scale
-    offset = dist.get_rank() * img.shape[0] if all_img.shape[0] != img.shape[0] else 0
     targets = torch.arange(offset, offset + img.shape[0], device=img.device)
     if note_ids is not None:
         # rows: this process's pairs; columns: all pairs (image j's note is text j, so one matrix serves both)

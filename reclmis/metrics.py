@@ -1,9 +1,15 @@
-"""Per-image foreground Dice and IoU, averaged over images (the LViT and RecLMIS evaluation protocol).
+"""Foreground Dice and IoU in the two protocols of the literature.
 
-Predictions are binarised at probability 0.5 (:func:`binarize`), then each image scores
-``Dice = 2|P & T| / (|P| + |T|)`` and ``IoU = |P & T| / |P | T|``. The dataset score is the mean over
-images, not over pixels. Everything stays on the tensors' device: nothing here reads a value back to the
-host except :meth:`DiceIoUMeter.compute`.
+Predictions are binarised at probability 0.5 (:func:`binarize`). Then:
+
+- per image (LViT, RecLMIS): each image scores ``Dice = 2|P & T| / (|P| + |T|)`` and
+  ``IoU = |P & T| / |P | T|``, and the dataset score is the mean over images;
+- pooled (torchmetrics' default, GuideDecoder and the tables that quote it): the counts |P & T|, |P| and |T|
+  are summed over every pixel of the split first, and the same formulas give one dataset score.
+
+Large and small lesions weigh alike per image and by their pixels when pooled, so the two disagree on the
+same predictions. Everything stays on the tensors' device: nothing here reads a value back to the host
+except :meth:`DiceIoUMeter.compute`.
 
 An image whose mask and prediction are both empty has no defined score; ``empty_score`` chooses it:
 
@@ -62,16 +68,19 @@ def dice_iou(
         )
     if prediction.device != target.device:
         raise ValueError(f"prediction is on {prediction.device} but target on {target.device}")
-    prediction = prediction.flatten(1)
-    target = target.flatten(1)
-    intersection = (prediction & target).sum(1, dtype=torch.float32)
-    predicted = prediction.sum(1, dtype=torch.float32)
-    actual = target.sum(1, dtype=torch.float32)
+    intersection, predicted, actual = pixel_counts(prediction, target).unbind(1)
     union = predicted + actual - intersection
     empty = union == 0
     dice = torch.where(empty, empty_score, 2.0 * intersection / (predicted + actual).clamp_min(1.0))
     iou = torch.where(empty, empty_score, intersection / union.clamp_min(1.0))
     return dice, iou
+
+
+def pixel_counts(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, 3) float32: |P & T|, |P| and |T| of each image of boolean masks (B, ...)."""
+    prediction, target = prediction.flatten(1), target.flatten(1)
+    counts = (prediction & target, prediction, target)
+    return torch.stack([c.sum(1, dtype=torch.float32) for c in counts], dim=1)
 
 
 def _check_empty_score(empty_score: float) -> None:
@@ -80,7 +89,8 @@ def _check_empty_score(empty_score: float) -> None:
 
 
 class DiceIoUMeter:
-    """Sums per-image Dice and IoU on the device; :meth:`compute` returns the means.
+    """Sums per-image Dice and IoU and the split's pixel counts on the device; :meth:`compute` returns both
+    protocols (the module docstring).
 
     ``update`` takes boolean masks (B, ...) and returns that batch's per-image ``(dice, iou)`` (e.g. for a
     per-image CSV) without a host synchronisation. Under ``torch.distributed`` call :meth:`all_reduce`
@@ -91,7 +101,8 @@ class DiceIoUMeter:
     def __init__(self, empty_score: float = 1.0) -> None:
         _check_empty_score(empty_score)
         self.empty_score = empty_score
-        self._sums: torch.Tensor | None = None  # (dice sum, IoU sum, image count), float64
+        # dice sum, IoU sum, image count, then |P & T|, |P|, |T| over every pixel; float64
+        self._sums: torch.Tensor | None = None
 
     def reset(self) -> None:
         self._sums = None
@@ -99,7 +110,10 @@ class DiceIoUMeter:
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dice, iou = dice_iou(prediction, target, self.empty_score)
         count = torch.full((), float(dice.numel()), dtype=torch.float64, device=dice.device)
-        batch = torch.stack((dice.sum(dtype=torch.float64), iou.sum(dtype=torch.float64), count))
+        pixels = pixel_counts(prediction, target).sum(0, dtype=torch.float64)
+        batch = torch.cat(
+            (torch.stack((dice.sum(dtype=torch.float64), iou.sum(dtype=torch.float64), count)), pixels)
+        )
         self._sums = batch if self._sums is None else self._sums + batch
         return dice, iou
 
@@ -109,10 +123,16 @@ class DiceIoUMeter:
             dist.all_reduce(self._sums)
 
     def compute(self) -> dict[str, float | int]:
-        """``{"dice": mean Dice, "iou": mean IoU, "n": images}`` as fractions; raises if no image was seen."""
+        """``{"dice", "iou"}`` per image (means over images), ``{"pooled_dice", "pooled_iou"}`` pooled over
+        every pixel (``empty_score`` where the split has no foreground and none is predicted), and ``n``
+        images; fractions. Raises if no image was seen."""
         if self._sums is None:
             raise RuntimeError("DiceIoUMeter.compute() called before any update()")
-        dice_sum, iou_sum, count = self._sums.tolist()
+        dice_sum, iou_sum, count, intersection, predicted, actual = self._sums.tolist()
         if count == 0:
             raise RuntimeError("DiceIoUMeter.compute() called before any update() with images")
-        return {"dice": dice_sum / count, "iou": iou_sum / count, "n": int(count)}
+        union = predicted + actual - intersection
+        pooled_dice = 2 * intersection / (predicted + actual) if union else self.empty_score
+        pooled_iou = intersection / union if union else self.empty_score
+        return {"dice": dice_sum / count, "iou": iou_sum / count, "pooled_dice": pooled_dice,
+                "pooled_iou": pooled_iou, "n": int(count)}  # fmt: skip

@@ -145,3 +145,13 @@ def test_profile_defaults_and_recipe_override(capsys) -> None:
     assert main(["profile", "--preset", "tiny", "--image-size", "64", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 18 and result["recon_layers"] == "3+3" and result["preset"] == "tiny"
+
+
+def test_profile_of_a_text_off_recipe(tmp_path, capsys) -> None:
+    """The image-only ablation has no text encoder, interaction or reconstructors to count."""
+    recipe = tmp_path / "no_text.yaml"
+    recipe.write_text("model: {preset: tiny, use_text: false}\ntrain: {}\n")
+    assert main(["profile", "--config", str(recipe), "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["params_text_encoder_m"] == profile["params_training_only_m"] == 0
+    assert profile["params_inference_m"] > 0 and profile["gflops_inference"] > 0

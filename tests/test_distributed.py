@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from reclmis.config import RecLMISConfig, TrainConfig
 from reclmis.data import make_synthetic
-from reclmis.losses import conditioned_contrastive_loss
+from reclmis.losses import GlobalBatch, conditioned_contrastive_loss
 from reclmis.train import Trainer, load_checkpoint
 from reclmis.train.distributed import all_gather_with_grad
 
@@ -75,7 +75,7 @@ def _contrastive_rank(rank: int, port: int, out: str, same_notes: bool) -> None:
     leaves = [t.requires_grad_() for t in chunk[:4]]
     loss = conditioned_contrastive_loss(*leaves, chunk[4], torch.tensor(10.0), backend="reference",
                                         note_ids=chunk[5] if same_notes else None,
-                                        gather=all_gather_with_grad)  # fmt: skip
+                                        global_batch=GlobalBatch(all_gather_with_grad, rank))  # fmt: skip
     (loss / WORLD).backward()  # DDP averages over ranks; the gathered slices receive every rank's share
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -122,7 +122,7 @@ def _train_rank(rank: int, port: int, data: str, out: str, epochs: int, resume: 
     trainer_module.save_checkpoint = lambda state, path: saves.append(str(path)) or original(state, path)
     trainer.fit(epochs=1)
     Path(f"{log}.{rank}").write_text(json.dumps({"checksums": checksums, "saves": saves,
-                                                 "gathers": trainer.model.feature_gather is not None}))  # fmt: skip
+                                                 "gathers": trainer.model.global_batch is not None}))  # fmt: skip
     dist.destroy_process_group()
 
 

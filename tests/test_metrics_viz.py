@@ -108,7 +108,7 @@ def test_binarize_probabilities_and_logits_agree():
         binarize(logits, from_logits=True, threshold=1.0)
 
 
-def test_meter_averages_over_images_not_pixels():
+def test_meter_gives_both_protocols_per_image_and_pooled():
     meter = DiceIoUMeter()
     with pytest.raises(RuntimeError, match="before any update"):
         meter.compute()
@@ -123,11 +123,18 @@ def test_meter_averages_over_images_not_pixels():
     assert result["n"] == 3
     assert result["dice"] == pytest.approx((1 + 0 + 4 / 7) / 3)
     assert result["iou"] == pytest.approx((1 + 0 + 2 / 5) / 3)
-    # pooling pixels instead would give 2*(64 + 2)/(64 + 4 + 64 + 1 + 3), far from the per-image mean
-    assert abs(result["dice"] - 2 * 66 / 136) > 0.4
+    # pooled: |P & T| = 64 + 0 + 2, |P| = 64 + 0 + 4, |T| = 64 + 1 + 3 over every pixel of the split
+    assert result["pooled_dice"] == pytest.approx(2 * 66 / (68 + 68))
+    assert result["pooled_iou"] == pytest.approx(66 / (68 + 68 - 66))
+    assert abs(result["dice"] - result["pooled_dice"]) > 0.4  # the protocols disagree on the same masks
     meter.reset()
     meter.update(PREDICTION[None], PREDICTION[None])
-    assert meter.compute() == {"dice": 1.0, "iou": 1.0, "n": 1}
+    assert meter.compute() == {"dice": 1.0, "iou": 1.0, "pooled_dice": 1.0, "pooled_iou": 1.0, "n": 1}
+    empty = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    for empty_score in (1.0, 0.0):
+        nothing = DiceIoUMeter(empty_score)
+        nothing.update(empty, empty)  # no foreground in the split, none predicted
+        assert nothing.compute()["pooled_dice"] == nothing.compute()["dice"] == empty_score
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from reclmis.ops import conditioned_attention, max_similarity, weighted_mask
+from reclmis.ops import conditioned_attention, conditioned_attention_reference, max_similarity, weighted_mask
 
 
 def one_hot_rows(rows: list[list[float]], d: int = 16) -> torch.Tensor:
@@ -179,3 +179,23 @@ def test_weighted_mask_rejects_bad_inputs(kwargs, error, match) -> None:
     args = {"x": torch.randn(2, 6, 3), "weight": torch.rand(2, 6), "ratio": 0.5, "lengths": None} | kwargs
     with pytest.raises(error, match=match):
         weighted_mask(args["x"], args["weight"], args["ratio"], args["lengths"], backend="reference")
+
+
+@pytest.mark.parametrize("mode", ["reweight", "scale"])
+def test_causal_reference_is_the_op_over_each_prefix(mode: str) -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 16) for _ in range(3))
+    cond = torch.rand(2, 6)
+    valid = torch.tensor([[True] * 6, [False, True, True, True, False, False]])
+    out = conditioned_attention_reference(q, k, v, cond, valid, mode=mode, causal=True)
+    for i in range(6):
+        expected = conditioned_attention_reference(
+            q[:, :, i : i + 1],
+            k[:, :, : i + 1],
+            v[:, :, : i + 1],
+            cond[:, : i + 1],
+            valid[:, : i + 1],
+            mode=mode,
+        )
+        torch.testing.assert_close(out[:, :, i : i + 1], expected)
+    assert (out[1, :, 0] == 0).all()  # no valid key at or before position 0: zeros, not NaN

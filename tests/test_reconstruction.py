@@ -8,8 +8,7 @@ import torch
 
 import reclmis.model.reconstruction as reconstruction
 from reclmis.model import ConditionedReconstructor
-from reclmis.model.reconstruction import MemoryLayer, ReconstructionLayer, causal_conditioned_attention
-from reclmis.ops.conditioned_attention import conditioned_attention_reference
+from reclmis.model.reconstruction import MemoryLayer, ReconstructionLayer
 
 
 def official_parameter_count(width: int, memory_layers: int, layers: int) -> int:
@@ -98,26 +97,6 @@ def test_every_attention_under_w_is_the_conditioned_attention_op(monkeypatch) ->
     with torch.no_grad():
         module(masked, None, source, cond, source_valid)
     assert calls == [(7, 7)] * 3 + [(5, 7)] * 2  # memory self-attention, then cross-attention
-
-
-@pytest.mark.parametrize("mode", ["reweight", "scale"])
-def test_causal_conditioned_attention_is_the_op_over_each_prefix(mode: str) -> None:
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 6, 16) for _ in range(3))
-    cond = torch.rand(2, 6)
-    valid = torch.tensor([[True] * 6, [False, True, True, True, False, False]])
-    out = causal_conditioned_attention(q, k, v, cond, valid, mode)
-    for i in range(6):
-        expected = conditioned_attention_reference(
-            q[:, :, i : i + 1],
-            k[:, :, : i + 1],
-            v[:, :, : i + 1],
-            cond[:, : i + 1],
-            valid[:, : i + 1],
-            mode=mode,
-        )
-        torch.testing.assert_close(out[:, :, i : i + 1], expected)
-    assert (out[1, :, 0] == 0).all()  # no valid key at or before position 0: zeros, not NaN
 
 
 def test_causal_switch_hides_later_tokens() -> None:

@@ -186,7 +186,6 @@ def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synth
     rebuilds its own model: reconstructors without a memory stack, 5 * (Dice + BCE) with a linear Dice.
     Weights that do not fit their configuration fail with a clear error, never silently."""
     from reclmis.model import NoteTokenizer, RecLMIS
-    from reclmis.train import save_checkpoint
 
     model_config, train_config = tiny_configs()
     legacy = model_config.replace(
@@ -206,23 +205,37 @@ def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synth
         "model_config": old_config,
         "train_config": {k: v for k, v in train_config.to_dict().items() if k in ("epochs", "lr", "min_lr")},
         "tokenizer": model.tokenizer.to_state(),
-        "text_encoder_config": model.text_encoder.hf_config(),
+        "text_encoder_config": model.text_encoder.model.config.to_dict(),
     }
-    save_checkpoint(state, tmp_path / "old.pt")
+    torch.save({"format_version": 1, **state}, tmp_path / "old.pt")  # as reclmis wrote it then
     loaded, _ = model_from_checkpoint(tmp_path / "old.pt")
     assert loaded.config == legacy and len(loaded.cvr.memory) == 0
     assert loaded.config.loss_weights.dice == loaded.config.loss_weights.bce == 1.0
 
-    save_checkpoint(
-        state | {"model_config": legacy.replace(recon_memory_layers=2).to_dict()}, tmp_path / "bad.pt"
+    torch.save(
+        {"format_version": 1, **state, "model_config": legacy.replace(recon_memory_layers=2).to_dict()},
+        tmp_path / "bad.pt",
     )
     with pytest.raises(
         ValueError, match=r"do not fit.*: cvr\.memory\.0\.self_attention.* missing, none unexpected"
     ):
         model_from_checkpoint(tmp_path / "bad.pt")
 
-    save_checkpoint(
-        state | {"epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": {}}, tmp_path / "run" / "last.pt"
+    (tmp_path / "run").mkdir()
+    torch.save(
+        {"format_version": 1, **state, "epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": {}},
+        tmp_path / "run" / "last.pt",
     )
     with pytest.raises(ValueError, match="recon_memory_layers"):
         Trainer(model_config, train_config, synthetic, tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_training_loader_without_a_batch_is_a_clear_error(synthetic, tmp_path) -> None:
+    model_config, train_config = tiny_configs(epochs=1)
+    trainer = Trainer(model_config, train_config, synthetic, tmp_path / "run", progress=False)
+    nothing = torch.utils.data.Subset(trainer.train_set, [])
+    sampler = torch.utils.data.DistributedSampler(nothing, num_replicas=1, rank=0)
+    trainer.train_loader = torch.utils.data.DataLoader(nothing, sampler=sampler, batch_size=8)
+    with pytest.raises(ValueError, match=r"yielded no batch \(24 images in the train split, batch size 8"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "last.pt").exists()

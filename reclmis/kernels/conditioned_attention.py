@@ -331,7 +331,7 @@ class Plan:
 # dq accumulator); at D=128 that is 32 tokens, the 18-word text of the paper's two regimes. STREAM: a block
 # of the other side, at most 32 rows. FORWARD: the forward's query and key blocks, at most 64 rows.
 # Chosen, with the warps and stages below, by compiling every launch at the paper shapes for sm_86 and sm_90
-# (no spills, shared memory within sm_86's 99 KiB): see benchmarks/kernel_report.py.
+# (no spills, shared memory within sm_86's 99 KiB): see tools/kernel_report.
 HELD_ELEMENTS = 4096
 STREAM_ELEMENTS = 4096
 FORWARD_ELEMENTS = 8192

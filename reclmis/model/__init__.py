@@ -4,7 +4,7 @@ reconstructors. It takes token ids and never imports ``reclmis.data``."""
 from reclmis.model.interaction import ConditionedInteraction, InterestWeights
 from reclmis.model.reclmis import RecLMIS, RecLMISOutput
 from reclmis.model.reconstruction import ConditionedAttention, ConditionedReconstructor
-from reclmis.model.text_encoder import TextEncoder
+from reclmis.model.text_encoder import TextEncoder, TextEncoderError, TextFeatureCache
 from reclmis.model.tokenizer import NoteTokenizer
 
 __all__ = [
@@ -16,4 +16,6 @@ __all__ = [
     "RecLMIS",
     "RecLMISOutput",
     "TextEncoder",
+    "TextEncoderError",
+    "TextFeatureCache",
 ]

@@ -64,12 +64,11 @@ class ConditionedInteraction(nn.Module):
 
     V (B, N, C) gets a 1x1 patch embedding and a learned position embedding first. Returns (V', E').
     With ``residual=False`` the two sums are dropped, as in the official code: the note then reaches the
-    decoder only through the attention patterns, and a model trained from scratch does not learn to follow
-    it (benchmarks/note_following.py measures both). With ``gate=True`` the text also scales the visual
-    tokens: V' = g * V + MHA(V, E'), g = 2 sigmoid(Linear(MHA(V, E'))) per patch and channel, the Linear
-    zero-initialised so that g starts at 1. With ``norm=True`` each attention's output is layer-normalised
-    before the sum (E' = E + LN(MHA(E, V)), V' = V + LN(MHA(V, E'))), which bounds what the note adds to
-    the visual tokens whatever scale the attention weights drift to.
+    decoder only through the attention patterns (docs/differences.md). With ``gate=True`` the text also
+    scales the visual tokens: V' = g * V + MHA(V, E'), g = 2 sigmoid(Linear(MHA(V, E'))) per patch and
+    channel, the Linear zero-initialised so that g starts at 1. With ``norm=True`` each attention's output
+    is layer-normalised before the sum (E' = E + LN(MHA(E, V)), V' = V + LN(MHA(V, E'))), which bounds what
+    the note adds to the visual tokens whatever scale the attention weights drift to.
     """
 
     def __init__(

@@ -3,15 +3,16 @@ Interaction, trained with conditioned reconstruction (CVR, CLR) and the conditio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclmis.config import RecLMISConfig
+from reclmis.config import AUXILIARY_TERMS, SEGMENTATION_TERMS, RecLMISConfig
 from reclmis.losses import (
+    GlobalBatch,
     bce_loss,
     conditioned_contrastive_loss,
     contrastive_scale,
@@ -50,18 +51,24 @@ class RecLMIS(nn.Module):
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
-        # set by the trainer under torchrun: gathers CCL features over ranks (global-batch contrastive loss)
-        self.feature_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # set by the trainer under torchrun: L_CCL over the global batch of all ranks
+        self.global_batch: GlobalBatch | None = None
         c, width = config.base_channels, config.visual_width
         self.encoder = UNetEncoder(config.in_channels, c)
         self.decoder = UNetDecoder(c)
+        self.cvr: ConditionedReconstructor | None = None
+        self.clr: ConditionedReconstructor | None = None
+        self.logit_scale: nn.Parameter | None = None
         if not config.use_text:
             return
         if tokenizer is None:
             raise ValueError("a tokenizer is required when config.use_text is on")
         if text_encoder is None and config.text_encoder is not None:
             text_encoder = TextEncoder.from_pretrained(
-                config.text_encoder, config.max_text_len, frozen=config.text_encoder_frozen
+                config.text_encoder,
+                config.max_text_len,
+                frozen=config.text_encoder_frozen,
+                trust_remote_code=config.trust_remote_code,
             )
         self.text_encoder = text_encoder or TextEncoder.from_config(config, tokenizer)
         self.text_projection = nn.Conv1d(self.text_encoder.width, width, kernel_size=3, padding=1)
@@ -96,12 +103,22 @@ class RecLMIS(nn.Module):
         if not config.use_text:
             return cls(config)
         if config.text_encoder is not None:
-            return cls(config, NoteTokenizer.from_pretrained(config.text_encoder, config.max_text_len))
+            tokenizer = NoteTokenizer.from_pretrained(
+                config.text_encoder, config.max_text_len, trust_remote_code=config.trust_remote_code
+            )
+            return cls(config, tokenizer)
         if not notes:
             raise ValueError(
                 "training notes are required to build the tokenizer of a text encoder trained from scratch"
             )
         return cls(config, NoteTokenizer.train(notes, config.max_text_len, config.vocab_size))
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        """The terms of Eq. 11 that this configuration computes in training (the keys of
+        ``RecLMISOutput.losses`` besides "total")."""
+        auxiliary = {"t2v": self.cvr, "v2t": self.clr, "ccl": self.logit_scale}
+        return (*SEGMENTATION_TERMS, *(name for name in AUXILIARY_TERMS if auxiliary[name] is not None))
 
     def training_only_parameters(self) -> list[nn.Parameter]:
         """Parameters that never run at inference: the reconstructors and the contrastive logit scale."""
@@ -122,8 +139,12 @@ class RecLMIS(nn.Module):
         attention_mask: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         *,
+        text_features: torch.Tensor | None = None,
         return_weights: bool = False,
     ) -> RecLMISOutput:
+        """``text_features`` (B, L, text width): the text encoder's output for ``input_ids`` when it is
+        already known (a frozen encoder's cached features, ``TextFeatureCache``); the encoder then does not
+        run."""
         self._check_inputs(images, input_ids, attention_mask, masks)
         *skips, stage4 = self.encoder(images)  # stage4 (B, 8c, g, g)
         if not self.config.use_text:
@@ -133,8 +154,11 @@ class RecLMIS(nn.Module):
             return out
 
         text_mask = attention_mask.bool()
-        text = self.text_encoder(input_ids, text_mask)  # (B, L, text width)
-        text = masked_conv1d(self.text_projection, text, text_mask) * text_mask[..., None]  # E (B, L, C)
+        if text_features is None:
+            text_features = self.text_encoder(input_ids, text_mask)  # (B, L, text width)
+        text = (
+            masked_conv1d(self.text_projection, text_features, text_mask) * text_mask[..., None]
+        )  # E (B, L, C)
         v_ci, e_ci = self.interaction(stage4, text, text_mask)  # V' (B, N, C), E' (B, L, C)
         logits = self.decoder(v_ci.transpose(1, 2).reshape(stage4.shape), skips)
         out = RecLMISOutput(logits)
@@ -185,7 +209,7 @@ class RecLMIS(nn.Module):
                 scale,
                 note_ids=input_ids if cfg.ccl_exclude_same_notes else None,
                 backend=cfg.ops_backend,
-                gather=self.feature_gather,
+                global_batch=self.global_batch,
             )
         return losses
 

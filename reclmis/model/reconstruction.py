@@ -15,9 +15,8 @@ Psi has two stacks of post-LayerNorm layers (the official ``DualTransformer``):
 Both attentions under W are ``reclmis.ops.conditioned_attention``. The official layers are decoder layers
 in both stacks, so each memory layer also holds cross-attention weights that never run (8.4M parameters
 at 4+4 layers); they are not created here. With ``causal`` the self-attentions get the official code's
-causal mask (position i attends to positions <= i); the op has no per-query mask, so that ablation runs
-the conditioned attention as plain PyTorch (:func:`causal_conditioned_attention`). Psi runs in training
-only.
+causal mask (position i attends to positions <= i); the fused kernels have no per-query mask, so that
+ablation runs the op's PyTorch reference with ``causal=True``. Psi runs in training only.
 """
 
 from __future__ import annotations
@@ -26,31 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclmis.ops import conditioned_attention
-from reclmis.ops.conditioned_attention import REWEIGHT_EPS
-
-
-def causal_conditioned_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cond: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    mode: str,
-) -> torch.Tensor:
-    """``conditioned_attention`` of a sequence over itself (Nq = Nk) with a causal mask: query i sees keys
-    j <= i. q, k, v (B, H, T, D); cond (B, T); key_padding_mask (B, T) bool, True = valid. A query without
-    a valid key returns zeros."""
-    logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
-    c = cond.float()[:, None, None, :]
-    logits = logits * c if mode == "scale" else logits + torch.log(c + REWEIGHT_EPS)
-    n = q.shape[2]
-    valid = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]  # (1, 1, T, T)
-    if key_padding_mask is not None:
-        valid = valid & key_padding_mask[:, None, None, :]
-    has_key = valid.any(-1, keepdim=True)
-    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")).masked_fill(~has_key, 0.0), -1)
-    return torch.einsum("bhqk,bhkd->bhqd", probs * has_key, v.float()).to(q.dtype)
+from reclmis.ops import conditioned_attention, conditioned_attention_reference
 
 
 class ConditionedAttention(nn.Module):
@@ -79,7 +54,7 @@ class ConditionedAttention(nn.Module):
         q = self.q_proj(x).view(b, nq, self.heads, d).transpose(1, 2)  # (B, H, Nq, D)
         k, v = self.kv_proj(y).view(b, nk, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nk, D)
         if causal:
-            out = causal_conditioned_attention(q, k, v, cond, y_valid, self.mode)
+            out = conditioned_attention_reference(q, k, v, cond, y_valid, mode=self.mode, causal=True)
         else:
             out = conditioned_attention(q, k, v, cond, y_valid, mode=self.mode, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, c))

@@ -1,5 +1,5 @@
 """Tokenizer for clinical notes: a byte-level BPE trained on the training notes, or the tokenizer of a
-pretrained CLIP text model on local disk. Either way a ``tokenizers.Tokenizer`` with begin/end tokens,
+pretrained text model. Either way a ``tokenizers.Tokenizer`` with begin/end tokens,
 fixed-length padding and truncation; it is serialised into every checkpoint."""
 
 from __future__ import annotations
@@ -68,18 +68,29 @@ class NoteTokenizer:
         return cls(tokenizer, max_len)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_len: int) -> NoteTokenizer:
-        """The fast tokenizer saved beside a pretrained text model (``tokenizer.json``), offline."""
+    def from_pretrained(
+        cls, source: str | Path, max_len: int, trust_remote_code: bool = False
+    ) -> NoteTokenizer:
+        """The fast tokenizer of a pretrained text model: a local directory (``tokenizer.json``) or a hub
+        id (see ``reclmis.model.text_encoder.resolve_source``)."""
         from transformers import AutoTokenizer
 
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"text_encoder={path} is not a directory")
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        from reclmis.model.text_encoder import TextEncoderError, resolve_source
+
+        source, local = resolve_source(str(source))
+        try:
+            hf = AutoTokenizer.from_pretrained(
+                source, local_files_only=local, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            raise TextEncoderError(f"text_encoder={source}: its tokenizer cannot be loaded: {err}") from err
         if not getattr(hf, "is_fast", False):
-            raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is required")
+            raise TextEncoderError(f"text_encoder={source}: a fast tokenizer (tokenizer.json) is required")
         pad = hf.pad_token or hf.eos_token
         if pad is None:
-            raise ValueError(f"{path}: the tokenizer defines neither a padding nor an end token")
+            raise TextEncoderError(
+                f"text_encoder={source}: the tokenizer defines neither a padding nor an end token"
+            )
         return cls(Tokenizer.from_str(hf.backend_tokenizer.to_str()), max_len, pad_token=pad)
 
     @property
@@ -96,6 +107,11 @@ class NoteTokenizer:
         input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
         attention_mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
         return input_ids, attention_mask
+
+    def overlong(self, notes: Sequence[str]) -> list[str]:
+        """The notes of ``notes`` that have more than ``max_len`` tokens (truncated by ``__call__``)."""
+        encodings = self.tokenizer.encode_batch(list(notes))
+        return [note for note, e in zip(notes, encodings, strict=True) if e.overflowing]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

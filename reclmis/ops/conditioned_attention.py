@@ -30,14 +30,23 @@ def conditioned_attention_reference(
     *,
     mode: str = "scale",
     scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """Plain PyTorch oracle, computed in fp32: materialises the (B, H, Nq, Nk) probabilities."""
+    """Plain PyTorch oracle, computed in fp32: materialises the (B, H, Nq, Nk) probabilities.
+
+    ``causal`` (the official reconstructors' self-attention, Nq = Nk): query i attends to keys j <= i only.
+    The fused kernels have no per-query mask, so this form exists in the reference alone.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     c = cond.float()[:, None, None, :]  # (B, 1, 1, Nk)
     logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
     logits = logits * c if mode == "scale" else logits + torch.log(c + REWEIGHT_EPS)
-    if key_padding_mask is not None:
-        valid = key_padding_mask[:, None, None, :]
+    valid = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        past = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()[None, None]
+        valid = past if valid is None else valid & past
+    if valid is not None:
         logits = logits.masked_fill(~valid, float("-inf"))
         # A row with no valid key attends to nothing: zero output, zero gradients, never NaN.
         has_key = valid.any(-1, keepdim=True)

@@ -18,7 +18,7 @@ from reclmis.config import RecLMISConfig
 from reclmis.model import RecLMIS, TextEncoder
 from reclmis.model.tokenizer import NoteTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -36,6 +36,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file in today's format (an older one is converted by :func:`upgrade_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -43,28 +44,54 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
         raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
-        raise ValueError(f"{path} is not a reclmis checkpoint (format version {FORMAT_VERSION})")
-    return state
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if (version not in _UPGRADES and version != FORMAT_VERSION) or "model" not in state:
+        raise ValueError(f"{path} is not a reclmis checkpoint (format versions 1 to {FORMAT_VERSION})")
+    return upgrade_checkpoint(state)
 
 
-# Model fields added after checkpoints were first written, with the values that rebuild the model that
-# wrote a checkpoint without them: reconstructors without a memory stack, the segmentation loss
-# 5 * (Dice + BCE) with a linear Dice denominator and smoothing 1.
+# Version 1 predates fields whose defaults changed: the values that rebuild the model such a checkpoint was
+# written from (reconstructors without a memory stack, the segmentation loss 5 * (Dice + BCE) with a linear
+# Dice denominator and smoothing 1), applied where the checkpoint lacks the field.
 LEGACY_MODEL_FIELDS: dict[str, Any] = {"recon_memory_layers": 0, "dice_squared": False, "dice_smooth": 1.0}
 LEGACY_LOSS_WEIGHTS: dict[str, float] = {"dice": 1.0, "bce": 1.0}
 
 
-def checkpoint_model_config(state: dict[str, Any]) -> RecLMISConfig:
-    """The model configuration of a loaded checkpoint. A field that the checkpoint predates takes the value
-    its model had (``LEGACY_MODEL_FIELDS``), not today's default, so an older checkpoint rebuilds the
-    model it was written from."""
+def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: the text encoder was always a CLIPTextModel, stored as its config alone."""
     values = dict(state["model_config"])
     for name, value in LEGACY_MODEL_FIELDS.items():
         values.setdefault(name, value)
     if isinstance(values.get("loss_weights"), dict):
         values["loss_weights"] = LEGACY_LOSS_WEIGHTS | values["loss_weights"]
-    return RecLMISConfig.from_dict(values)
+    text_config = state.get("text_encoder_config")
+    text_encoder = None
+    if text_config is not None:
+        text_encoder = {
+            "architecture": "CLIPTextModel",
+            "config": text_config,
+            "source": values.get("text_encoder"),
+        }
+    state = {k: v for k, v in state.items() if k != "text_encoder_config"}
+    return state | {"model_config": values, "text_encoder": text_encoder}
+
+
+_UPGRADES = {1: _from_version_1}
+
+
+def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """The one place where checkpoints of earlier formats become today's: each step converts one version
+    to the next, so a checkpoint of any supported version loads as the model that wrote it."""
+    version = state["format_version"]
+    while version != FORMAT_VERSION:
+        state = _UPGRADES[version](state) | {"format_version": version + 1}
+        version += 1
+    return state
+
+
+def checkpoint_model_config(state: dict[str, Any]) -> RecLMISConfig:
+    """The model configuration of a loaded checkpoint."""
+    return RecLMISConfig.from_dict(state["model_config"])
 
 
 def model_from_state(state: dict[str, Any]) -> RecLMIS:
@@ -74,9 +101,11 @@ def model_from_state(state: dict[str, Any]) -> RecLMIS:
     config = checkpoint_model_config(state)
     tokenizer = NoteTokenizer.from_state(state["tokenizer"]) if state.get("tokenizer") else None
     text_encoder = None
-    if state.get("text_encoder_config") is not None:
-        text_encoder = TextEncoder.from_hf_config(
-            state["text_encoder_config"], frozen=config.text_encoder_frozen
+    if state.get("text_encoder") is not None:
+        text_encoder = TextEncoder.from_spec(
+            state["text_encoder"],
+            frozen=config.text_encoder_frozen,
+            trust_remote_code=config.trust_remote_code,
         )
     model = RecLMIS(config, tokenizer, text_encoder)
     try:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from reclmis.config import RecLMISConfig, TrainConfig
+from reclmis.config import LOSS_TERMS, RecLMISConfig, TrainConfig
 from reclmis.data import LViTDataset, TrainAugmentation
+from reclmis.losses import GlobalBatch
 from reclmis.metrics import DiceIoUMeter, binarize, dice_iou
 from reclmis.model import NoteTokenizer, RecLMIS
+from reclmis.model.text_encoder import TextFeatureCache
 from reclmis.train.checkpoint import (
     checkpoint_model_config,
     load_checkpoint,
@@ -44,7 +47,7 @@ from reclmis.train.distributed import (
 )
 from reclmis.train.schedules import build_optimizer, build_scheduler, check_same_schedule
 
-LOSS_TERMS = ("total", "dice", "bce", "t2v", "v2t", "ccl")
+LOGGED_LOSSES = ("total", *LOSS_TERMS)  # the running means of every training epoch
 
 
 class NoteCollator:
@@ -175,7 +178,14 @@ class Trainer:
         global_ccl = train_config.global_contrastive
         if global_ccl is None:
             global_ccl = self.dist.enabled
-        self.model.feature_gather = all_gather_with_grad if global_ccl and self.dist.enabled else None
+        if global_ccl and self.dist.enabled:
+            self.model.global_batch = GlobalBatch(all_gather_with_grad, self.dist.rank)
+
+        self.text_cache = None
+        if model_config.use_text and self.model.text_encoder.frozen and train_config.text_cache_size:
+            self.text_cache = TextFeatureCache(self.model.text_encoder, train_config.text_cache_size)
+        if model_config.use_text:
+            self._warn_truncated_notes()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, train_config, fused=self.device.type == "cuda")
@@ -232,6 +242,23 @@ class Trainer:
             drop_last=train and len(sampler) >= self.cfg.batch_size,  # equal batches for the global CCL
         )
 
+    def _warn_truncated_notes(self) -> None:
+        notes = sorted(set(self.train_set.texts))
+        long = self.model.tokenizer.overlong(notes)
+        if long:
+            warnings.warn(
+                f"{len(long)} of the {len(notes)} distinct training notes have more than max_text_len="
+                f"{self.model_config.max_text_len} tokens and are truncated, e.g. {long[0]!r}",
+                stacklevel=3,
+            )
+
+    def text_encoder_summary(self) -> str:
+        """The training log's line on the text encoder."""
+        if not self.model_config.use_text:
+            return "text encoder: none (text branch off)"
+        cached = ", its features cached per note" if self.text_cache is not None else ""
+        return f"text encoder: {self.model.text_encoder.describe()}{cached}"
+
     def _resume_state(self) -> dict[str, Any]:
         path = self.out_dir / "last.pt"
         if not path.is_file():
@@ -272,7 +299,7 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "train_config": self.cfg.to_dict(),
             "tokenizer": model.tokenizer.to_state() if model.tokenizer is not None else None,
-            "text_encoder_config": model.text_encoder.hf_config() if self.model_config.use_text else None,
+            "text_encoder": model.text_encoder.spec() if self.model_config.use_text else None,
         }
 
     # loop ---------------------------------------------------------------------------------------------
@@ -287,6 +314,7 @@ class Trainer:
                 json.dumps({"model": self.model_config.to_dict(), "train": self.cfg.to_dict()}, indent=2)
             )
             self._drop_rows_after(self.start_epoch)
+            tqdm.write(self.text_encoder_summary())
         writer = self._tensorboard()
         try:
             for epoch in range(self.start_epoch, end):
@@ -319,13 +347,31 @@ class Trainer:
                 writer.close()
         return results
 
-    def _forward(self, batch: dict[str, Any], masks: torch.Tensor | None = None):
+    def _text_features(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """A frozen text encoder's features of the batch's notes from the cache (read off the batch's host
+        copy of the token ids, before it moves to the device), or None: the model runs its encoder."""
+        if self.text_cache is None:
+            return None
+        return self.text_cache(batch["input_ids"], batch["attention_mask"], self.device)
+
+    def _forward(
+        self,
+        batch: dict[str, Any],
+        masks: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+    ):
         module = self.train_module if self.model.training else self.eval_module
         if self.cfg.compile:
             # a new step: CUDA graphs (mode "reduce-overhead") may reuse the previous step's output memory
             torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
-            return module(batch["images"], batch.get("input_ids"), batch.get("attention_mask"), masks)
+            return module(
+                batch["images"],
+                batch.get("input_ids"),
+                batch.get("attention_mask"),
+                masks,
+                text_features=text_features,
+            )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -334,7 +380,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        sums = torch.zeros(len(LOSS_TERMS) + 2, device=self.device)  # loss terms, Dice sum, images
+        sums = torch.zeros(len(LOGGED_LOSSES) + 2, device=self.device)  # loss terms, Dice sum, images
         logged = torch.zeros_like(sums)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)  # fmt: skip
@@ -346,15 +392,16 @@ class Trainer:
 
     def _train_steps(self, bar: tqdm, sums: torch.Tensor, logged: torch.Tensor) -> dict[str, float]:
         for step, batch in enumerate(bar, start=1):
+            text_features = self._text_features(batch)
             batch = to_device(batch, self.device, self.cfg.channels_last)
-            out = self._forward(batch, batch["masks"])
+            out = self._forward(batch, batch["masks"], text_features)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.losses["total"]).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             with torch.no_grad():
                 zero = torch.zeros((), device=self.device)
-                terms = torch.stack([out.losses.get(name, zero).detach().float() for name in LOSS_TERMS])
+                terms = torch.stack([out.losses.get(name, zero).detach().float() for name in LOGGED_LOSSES])
                 n = batch["images"].shape[0]
                 dice = self._batch_dice(out.logits, batch["masks"])
                 sums += torch.cat(
@@ -366,11 +413,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{window[0] / window[-1]:.4f}", dice=f"{window[-2] / window[-1]:.4f}")
         all_reduce_sum(sums, self.dist)
         totals = sums.tolist()
-        images = max(totals[-1], 1.0)
+        images = totals[-1]
+        if images == 0:
+            raise ValueError(
+                f"the training loader yielded no batch ({len(self.train_set)} images in the train split, "
+                f"batch size {self.cfg.batch_size}, {self.dist.world_size} process(es))"
+            )
+        computed = {"total", *self.model.loss_terms}
         means = {
             name: value / images
-            for name, value in zip(LOSS_TERMS, totals, strict=False)
-            if name in out.losses
+            for name, value in zip(LOGGED_LOSSES, totals, strict=False)
+            if name in computed
         }
         means["dice_score"] = totals[-2] / images
         return means
@@ -388,8 +441,9 @@ class Trainer:
         )
         with self._compile_notice(bar):
             for batch in bar:
+                text_features = self._text_features(batch)
                 batch = to_device(batch, self.device, self.cfg.channels_last)
-                logits = self._forward(batch).logits
+                logits = self._forward(batch, text_features=text_features).logits
                 meter.update(binarize(logits.float(), from_logits=True), batch["masks"] > 0.5)
         meter.all_reduce()
         return {k: float(v) for k, v in meter.compute().items()}
