@@ -1,7 +1,7 @@
 """Dry run of the air-gapped install, without a GPU (docs/install.md): does the wheelhouse carry everything?
 
     python3 tools/offline_dry_run.py --cache /work/cache          # about 10 min the first time (3 GB of torch)
-    python3 tools/offline_dry_run.py --cache /work/cache --reuse-site
+    python3 tools/offline_dry_run.py --cache /work/cache --reuse-site --with-tests
 
 1. ``tools/wheelhouse.py download``: the wheelhouse for the GPU image (Python 3.12, manylinux x86_64).
 2. A site like the image's: a Python 3.12 virtual environment (``--python``, else ``python3.12`` on PATH or
@@ -12,6 +12,8 @@
    on an H200), the pip configuration cleared and, where ``unshare`` can, no network at all.
 5. ``reclmis info --json`` (the CUDA kernel for sm_90 must be there) and every Triton launch of the fused
    ops at the paper shapes (tools/kernel_report/tests: PAPER_CASES) compiled for sm_90 ahead of time.
+6. With ``--with-tests``: the kernels' tests, the masking op's and the kernel report's in that site, with the
+   kernels in Triton 3.6's interpreter (INTERPRETER_TESTS).
 
 Writes benchmarks/results/offline_install_dry_run.json (or --out): each step's command, seconds, status and
 output tail, the versions, the wheelhouse's manifest and the compile facts of every launch. Exit status 0
@@ -41,6 +43,11 @@ SITE_PACKAGES = [
     "ninja",
 ]  # fmt: skip
 ARCH = "9.0"  # H200
+# --with-tests: the Triton kernels' tests, the masking op's and the kernel report's, in the site's interpreter
+INTERPRETER_TESTS = [
+    "tests/test_conditioned_attention.py", "tests/test_max_similarity.py", "tests/test_weighted_mask.py",
+    "tools/kernel_report/tests",
+]  # fmt: skip
 
 
 def find_python312(explicit: str | None) -> str:
@@ -237,6 +244,11 @@ def dry_run(args: argparse.Namespace) -> int:
               [*prefix, site_python, "tools/offline_dry_run.py", "compile-kernels", "--out", str(facts_file)],
               cwd=checkout, env=env)  # fmt: skip
     kernels = json.loads(facts_file.read_text()) if facts_file.exists() else []
+    if args.with_tests:
+        tests = steps.run("kernel tests in Triton 3.6's interpreter",
+                          [*prefix, site_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *INTERPRETER_TESTS],
+                          cwd=checkout, env={**env, "TRITON_INTERPRET": "1"})  # fmt: skip
+        steps.records[-1]["summary"] = (tests.stdout.strip().splitlines() or [""])[-1]
 
     manifest = json.loads((wheelhouse / "manifest.json").read_text())
     git = ["git", "-C", str(ROOT)]
@@ -288,6 +300,9 @@ def main() -> int:
     parser.add_argument("--wheelhouse", help="an existing wheelhouse (default: made in step 1)")
     parser.add_argument("--reuse-site", action="store_true", help="keep the site venv of an earlier run")
     parser.add_argument("--keep-checkout", action="store_true", help="keep the checkout copy after the run")
+    parser.add_argument(
+        "--with-tests", action="store_true", help="also the kernel tests in Triton 3.6's interpreter (6 min)"
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the results file")
     args = parser.parse_args()
     if args.command == "compile-kernels":
