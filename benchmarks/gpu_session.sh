@@ -114,9 +114,19 @@ rm -rf "$WORK" "$LOGS" "$OUT/gpu_session.json" "$OUT/gpu_session.md"
 mkdir -p "$WORK/results" "$LOGS"
 say "stages: ${STAGES[*]} on $DEVICE; caps sum to ${total} s; report in $OUT"
 
+no_gpu=""
+if [[ "$DEVICE" == cuda ]] && ! "$PYTHON" benchmarks/gpu_session.py arch >/dev/null; then
+  no_gpu="torch sees no CUDA device (the CPU mode is --cpu)"
+fi
 failed=0
 for stage in "${STAGES[@]}"; do
   reason=""
+  if [[ -n "$no_gpu" ]]; then  # a GPU report without a GPU: every stage fails, saying why
+    say "$stage: failed ($no_gpu)"
+    "$PYTHON" benchmarks/gpu_session.py record "$WORK" "$stage" failed 0 "${CAP[$stage]}" "$no_gpu"
+    failed=1
+    continue
+  fi
   if [[ "$DEVICE" == cpu && "$stage" != install && "$stage" != ops ]]; then
     reason="CPU mode: needs a CUDA device"
   elif [[ "$DEVICE" == cpu && "$stage" == install ]]; then

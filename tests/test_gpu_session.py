@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,6 +64,15 @@ def test_a_stage_cut_at_its_cap_is_recorded_and_the_session_goes_on(tmp_path: Pa
     assert stages["ops"]["status"] == "timed_out" and stages["ops"]["cap_s"] == 1
     assert stages["ops"]["note"] == "cut at its cap of 1 s"
     assert stages["install"]["status"] == "passed" and not report["passed"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA device")
+def test_the_gpu_mode_without_a_gpu_fails_every_stage_saying_why(tmp_path: Path) -> None:
+    result, out = _session(tmp_path, "install", "ops")
+    assert result.returncode == 1
+    report = json.loads((out / "gpu_session.json").read_text())
+    assert [(s["stage"], s["status"]) for s in report["stages"]] == [("install", "failed"), ("ops", "failed")]
+    assert all(s["note"] == "torch sees no CUDA device (the CPU mode is --cpu)" for s in report["stages"])
 
 
 def test_an_unknown_stage_is_refused(tmp_path: Path) -> None:

@@ -222,6 +222,10 @@ def dry_run(args: argparse.Namespace) -> int:
     )
 
     checkout = cache / "dry-run-checkout"
+    git = ["git", "-C", str(ROOT)]  # the commit of the files copied, taken as they are copied
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                            text=True, check=False)  # fmt: skip
     copy_checkout(checkout)
     shutil.copytree(wheelhouse, checkout / "wheelhouse")
     prefix, network = no_network_prefix()
@@ -251,10 +255,6 @@ def dry_run(args: argparse.Namespace) -> int:
         steps.records[-1]["summary"] = (tests.stdout.strip().splitlines() or [""])[-1]
 
     manifest = json.loads((wheelhouse / "manifest.json").read_text())
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                            text=True, check=False)  # fmt: skip
     payload = {
         "passed": steps.passed,
         "environment": {
