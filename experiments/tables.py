@@ -87,8 +87,8 @@ DEMO_SWITCHES = (  # variant of experiments/note_following.py -> row label
         "same_note_negatives",
         "same-note pairs as negatives, the official L_CCL (`ccl_exclude_same_notes=false`)",
     ),
-    ("gate", "gated text injection in CI (`interaction_gate=true`)"),
-    ("official_ci", "the official CI module, no residual connections (`interaction_residual=false`)"),
+    ("gate", "the note gate in CI (`interaction_gate=true`)"),
+    ("official_ci", "the official CI module, no residual sums (`interaction_injection=official`)"),
     ("official_causal", "the official causal mask in the reconstructors (`recon_causal=true`)"),
 )
 NOTE_FOLLOWING_FILES = (
@@ -246,7 +246,7 @@ def readme_demo() -> str:
          _dice(demo, "test_shuffled_notes")),
         ("the recipe, mean of seeds 0-3", _dice(mean, "test"), _dice(mean, "counterfactual"),
          _dice(mean, "test_shuffled_notes")),
-        ("CI as the official code builds it (`interaction_residual=false`), seed 0",
+        ("CI as the official code builds it (`interaction_injection=official`), seed 0",
          _dice(official_ci, "test"), _dice(official_ci, "counterfactual"),
          _dice(official_ci, "test_shuffled_notes")),
         ("text branch off (`use_text=false`), seed 0", _dice(no_text, "test"),

@@ -3,7 +3,8 @@ tower trained from scratch (text_encoder and text_projection), for a recipe's mo
 (no augmentation, train mode): the norm of each term's own gradient (unweighted), and the norms of the
 summed auxiliary gradient (L_V2T, L_T2V, L_CCL) and of the segmentation gradient (L_Dice, L_BCE) under the
 official weights and under the auxiliary losses at a tenth and at a hundredth. Averaged over the first
-batches of the split.
+batches of the split. The model has CI's residual injection, as when the study was made: under the gated
+injection (the default) the segmentation loss sends the tower no gradient at initialisation, by design.
 
     python experiments/text_gradients.py --recipe configs/synthetic_tiny.yaml --seeds 0 1 2 3 \\
         --out experiments/results/text_gradients_demo_cpu.json      # the demo's generated data, per seed
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import auxiliary_weights, environment, write_study
+from experiments.common import RESIDUAL, auxiliary_weights, environment, write_study
 from reclmis.config import AUXILIARY_TERMS, SEGMENTATION_TERMS, LossWeights, load_recipe
 from reclmis.data import LViTDataset, make_synthetic
 from reclmis.model import RecLMIS
@@ -45,6 +46,7 @@ def _norm(grads: tuple[torch.Tensor | None, ...]) -> float:
 
 def text_gradients(recipe: Path, data: Path, seed: int, batches: int) -> dict:
     model_config, train_config = load_recipe(recipe)
+    model_config = model_config.replace(**RESIDUAL)
     if model_config.text_encoder is not None:
         raise ValueError(f"{recipe}: the text tower is loaded (text_encoder), not trained from scratch")
     train = LViTDataset(data, "train", model_config.image_size)

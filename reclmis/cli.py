@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -56,11 +57,39 @@ def train_configs(args: argparse.Namespace):
     return build_configs(sections, "configuration")
 
 
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Raise ValueError, naming ``flag``, when the file ``path`` cannot be written: it is a folder, its
+    folder is a file, or that folder is not writable. Missing folders are fine (they are created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    _check_writable_parent(path, flag)
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """As :func:`check_output_file`, for a folder that is created if missing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    _check_writable_parent(path / "_", flag)
+    return path
+
+
+def _check_writable_parent(path: Path, flag: str) -> None:
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} cannot be written: no permission to write in {existing}")
+
+
 def _train(args: argparse.Namespace) -> int:
     from reclmis.train import Trainer
 
     model_config, train_config = train_configs(args)
     out = Path(args.out or f"runs/{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output_folder(out, "--out")
     trainer = Trainer(model_config, train_config, args.data, out, resume=args.resume)
     results = trainer.fit()
     if trainer.dist.is_main:
@@ -74,6 +103,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from reclmis.train import model_from_checkpoint
     from reclmis.train.trainer import resolve_device
 
+    for flag, path in (("--json", args.json), ("--per-image-csv", args.per_image_csv)):
+        if path is not None:
+            check_output_file(path, flag)
+    if args.save_predictions is not None:
+        check_output_folder(args.save_predictions, "--save-predictions")
     device = resolve_device(args.device)
     model, state = model_from_checkpoint(args.checkpoint, device)
     mask_resize = args.mask_resize
@@ -111,7 +145,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{args.split:<8}{notes:<10}{row['n']:>8}" + "".join(
             f"{score:>{width}.2f}" for score, width in zip(scores, (10, 10, 14, 12), strict=True)))  # fmt: skip
     print(f"Dice and IoU per image, averaged over images (LViT, RecLMIS); pooled: over every pixel of the "
-          f"split (torchmetrics). Masks resized {mask_resize}; both-empty images score {empty_score:g}")  # fmt: skip
+          f"split (torchmetrics). Masks: foreground above half the value range, resized {mask_resize}; "
+          f"both-empty images score {empty_score:g}")  # fmt: skip
     if args.json:
         write_metrics_json(metrics, args.json)
     if args.save_predictions:
@@ -120,21 +155,28 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from reclmis.inference import predict, write_comparison, write_prediction
+    from reclmis.inference import (
+        check_no_overwrite,
+        predict,
+        prediction_outputs,
+        write_comparison,
+        write_prediction,
+    )
     from reclmis.train import model_from_checkpoint
     from reclmis.train.trainer import resolve_device
 
+    outputs = prediction_outputs(args.out, args.explain, bool(args.compare_text))
+    check_no_overwrite(outputs, {"image": Path(args.image), "checkpoint": Path(args.checkpoint)})
+    for path in outputs.values():
+        check_output_file(path, "--out")
     device = resolve_device(args.device)
     model, _ = model_from_checkpoint(args.checkpoint, device)
     prediction = predict(model, args.image, args.text, device)
     written = write_prediction(prediction, args.out, explain=args.explain)
     if args.compare_text:
         other = predict(model, args.image, args.compare_text, device)
-        out = Path(args.out)
         written.append(
-            write_comparison(
-                prediction, other, (args.text, args.compare_text), out.with_name(f"{out.stem}_compare.png")
-            )
+            write_comparison(prediction, other, (args.text, args.compare_text), outputs["compare"])
         )
     for path in written:
         print(path)
@@ -244,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("--image", required=True)
     predict.add_argument("--text", help="the clinical note")
-    predict.add_argument("--out", required=True, help="mask PNG; the overlay goes beside it")
+    predict.add_argument("--out", required=True,
+                         help="mask file (.png, .tif, .tiff or .bmp: the suffix names the format); the overlay "
+                         "goes beside it as <out>_overlay.png")  # fmt: skip
     predict.add_argument(
         "--explain", action="store_true", help="also write the W_poi heatmap and W_woi word weights"
     )
@@ -281,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # bad input, files, a diverged run
         print(f"reclmis {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 AUGMENTATIONS = ("full", "official", "photometric", "none")
+INJECTIONS = ("gated", "residual", "official")  # interaction_injection (reclmis.model.interaction)
 # the frames a note's sides are stated in (reclmis.data.note_geometry)
 NOTE_FRAMES = ("image", "radiological", "axial")
 
@@ -72,12 +73,13 @@ class RecLMISConfig:
     freeze_text_encoder: bool = True  # applies to a pretrained text encoder only
     trust_remote_code: bool = False  # let a pretrained text encoder run the code it ships (CXR-BERT)
     interaction_heads: int = 4
-    # residual connections around CI's two attentions (E' = E + MHA(E, V), V' = V + MHA(V, E')); off = the
-    # official code, where the note reaches the decoder only through attention patterns (docs/differences.md)
-    interaction_residual: bool = True
-    # gated text injection in CI: V' = g * V + MHA(V, E') with g = 2 sigmoid(Linear(MHA(V, E'))) per patch and
-    # channel, zero-initialised (g = 1: the ungated model at the start), so the note can also scale visual
-    # features down, e.g. a lesion it does not name; off = the paper's sum
+    # how the note enters the decoder (reclmis.model.interaction): "gated", the stage-4 features plus CI's
+    # image attention through a per-channel tanh gate initialised at 0 (the image-only network at
+    # initialisation); "residual", CI's visual output V' = V + MHA(V, E'); "official", the official module
+    # without residual sums (docs/differences.md)
+    interaction_injection: str = "gated"
+    # the note also scales the visual tokens in the residual form: V' = g * V + MHA(V, E'), with
+    # g = 2 sigmoid(Linear(MHA(V, E'))) per patch and channel, zero-initialised (g = 1 at the start)
     interaction_gate: bool = False
     # LayerNorm on each CI attention's output before it is added: E' = E + LN(MHA(E, V)),
     # V' = V + LN(MHA(V, E')), which bounds what the attentions add to E and V whatever scale their weights
@@ -159,9 +161,13 @@ class RecLMISConfig:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.recon_layers < 1 and (self.use_cvr or self.use_clr):
             raise ValueError("recon_layers must be at least 1 while use_cvr or use_clr is on")
-        if self.interaction_gate and not self.interaction_residual:
+        if self.interaction_injection not in INJECTIONS:
             raise ValueError(
-                "interaction_gate scales CI's residual visual tokens: it needs interaction_residual"
+                f"interaction_injection must be one of {INJECTIONS}, got {self.interaction_injection!r}"
+            )
+        if self.interaction_gate and self.interaction_injection != "residual":
+            raise ValueError(
+                "interaction_gate scales CI's residual visual tokens: it needs interaction_injection='residual'"
             )
         if not self.dice_smooth > 0:
             raise ValueError(f"dice_smooth must be positive, got {self.dice_smooth}")
@@ -281,7 +287,7 @@ class TrainConfig:
             raise ValueError(
                 f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
             )
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -296,6 +302,9 @@ class TrainConfig:
             raise ValueError(f"restart_epochs must be at least 1, got {self.restart_epochs}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        for name in ("num_workers", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.text_cache_size < 0:
             raise ValueError(
                 f"text_cache_size must be non-negative (0 disables the cache), got {self.text_cache_size}"

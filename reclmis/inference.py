@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reclmis.data import LViTDataset, load_image
+from reclmis.data import MASK_RULE, LViTDataset, load_image
 from reclmis.data.note_probe import probe_notes
 from reclmis.metrics import DiceIoUMeter, binarize
 from reclmis.model import RecLMIS
@@ -40,9 +41,11 @@ def evaluate(
     """Dice and IoU at threshold 0.5 on ``split``, in both protocols (``reclmis.metrics``): per image and
     averaged over images ("dice", "iou"), and pooled over every pixel ("pooled_dice", "pooled_iou").
 
-    Ground-truth masks are resized to the model's input by ``mask_resize`` ("nearest", or "bilinear" then
-    > 0 as the official loader); an image whose mask and prediction are both empty scores ``empty_score``
-    (1, or 0 as the official test script). Both conventions are returned with the scores.
+    Ground-truth masks are binarised by :data:`~reclmis.data.MASK_RULE`, then resized to the model's input
+    by ``mask_resize`` ("nearest", or "bilinear" then > 0 as the official loader); an image whose mask and
+    prediction are both empty scores ``empty_score`` (1, or 0 as the official test script). These
+    conventions are returned with the scores; a split with masks that are entirely background or
+    foreground at the model's size gets a warning (:meth:`~reclmis.data.LViTDataset.check_masks`).
     ``save_predictions`` receives, per image, the predicted mask and an overlay (true positives green,
     false negatives red, false positives blue); ``per_image_csv`` the per-image scores. ``notes``: "own",
     or a probe of how much the model reads its note (:mod:`reclmis.data.note_probe`): "constant" gives
@@ -50,6 +53,7 @@ def evaluate(
     """
     model = model.eval().to(device)
     dataset = LViTDataset(data_root, split, model.config.image_size, cache=False, mask_resize=mask_resize)
+    dataset.check_masks()
     if notes != "own":
         replaced = probe_notes(dataset.texts, notes)
         dataset.samples = [
@@ -84,8 +88,8 @@ def evaluate(
             writer.writerow(["image", "dice", "iou"])
             writer.writerows((name, f"{float(d):.6f}", f"{float(i):.6f}") for name, d, i in rows)
     protocols = {"dice": "per image, mean over images", "pooled_dice": "pooled over every pixel of the split"}
-    return meter.compute() | {"protocols": protocols, "mask_resize": mask_resize, "empty_score": empty_score,
-                              "notes": notes}  # fmt: skip
+    conventions = {"mask_foreground": MASK_RULE, "mask_resize": mask_resize, "empty_score": empty_score}
+    return meter.compute() | {"protocols": protocols} | conventions | {"notes": notes}
 
 
 @dataclass
@@ -119,24 +123,71 @@ def predict(
     return Prediction(probabilities, probabilities >= 0.5, image, w_poi, words, w_woi)
 
 
-def write_prediction(prediction: Prediction, out: str | Path, explain: bool = False) -> list[Path]:
-    """``out`` gets the binary mask; ``<out>_overlay.png`` the mask over the image; with ``explain``,
-    ``<out>_wpoi.png`` the W_poi heatmap and ``<out>_wwoi.png`` the W_woi weight of each word (the paper's
-    Fig. 13). Figures of small inputs are enlarged to at least 256 pixels."""
+# the mask's file formats, by suffix: lossless only (JPEG would blur its edges)
+MASK_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+
+
+def prediction_outputs(out: str | Path, explain: bool = False, compare: bool = False) -> dict[str, Path]:
+    """The files that predicting into ``out`` writes: the mask (in the format of ``out``'s suffix, see
+    ``MASK_FORMATS``), ``<out>_overlay.png``, with ``explain`` ``<out>_wpoi.png`` and ``<out>_wwoi.png``,
+    with ``compare`` ``<out>_compare.png``. An unsupported or lossy suffix raises ValueError."""
     out = Path(out)
+    if out.suffix.lower() not in MASK_FORMATS:
+        given = out.suffix or "a name without suffix"
+        lossy = " (a lossy format: its compression would change the mask's pixels)"
+        raise ValueError(
+            f"--out {out}: a mask is written as {', '.join(MASK_FORMATS)}, not {given}"
+            + (lossy if out.suffix.lower() in (".jpg", ".jpeg", ".webp", ".jp2") else "")
+        )
+    paths = {"mask": out, "overlay": out.with_name(f"{out.stem}_overlay.png")}
+    if explain:
+        paths |= {
+            "wpoi": out.with_name(f"{out.stem}_wpoi.png"),
+            "wwoi": out.with_name(f"{out.stem}_wwoi.png"),
+        }
+    if compare:
+        paths["compare"] = out.with_name(f"{out.stem}_compare.png")
+    return paths
+
+
+def check_no_overwrite(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Raise ValueError when an output file would replace an input file (paths resolved, links followed)."""
+    for output in outputs.values():
+        for kind, source in inputs.items():
+            same = Path(output).resolve() == Path(source).resolve()
+            if not same and Path(output).exists() and Path(source).exists():
+                same = os.path.samefile(output, source)
+            if same:
+                raise ValueError(f"{output} would overwrite the input {kind} {source}; choose another --out")
+
+
+def write_prediction(prediction: Prediction, out: str | Path, explain: bool = False) -> list[Path]:
+    """``out`` gets the binary mask (0/255, in the format its suffix names: see :func:`prediction_outputs`);
+    ``<out>_overlay.png`` the mask over the image; with ``explain``, ``<out>_wpoi.png`` the W_poi heatmap
+    and ``<out>_wwoi.png`` the W_woi weight of each word (the paper's Fig. 13). Figures of small inputs are
+    enlarged to at least 256 pixels."""
+    paths = prediction_outputs(out, explain)
     rgb = prediction.image.permute(1, 2, 0).numpy()
     written = [
-        save_png((prediction.mask.numpy() * 255).astype(np.uint8), out),
-        save_png(enlarge(mask_overlay(rgb, prediction.mask)), out.with_name(f"{out.stem}_overlay.png")),
+        save_mask(prediction.mask, paths["mask"]),
+        save_png(enlarge(mask_overlay(rgb, prediction.mask)), paths["overlay"]),
     ]
     if explain:
         if prediction.w_poi is None:
             raise ValueError("--explain needs a model with the text branch (W_poi and W_woi)")
         heatmap = enlarge(heatmap_overlay(rgb, prediction.w_poi))
-        written.append(save_png(heatmap, out.with_name(f"{out.stem}_wpoi.png")))
+        written.append(save_png(heatmap, paths["wpoi"]))
         chart = word_weight_chart(prediction.words, prediction.w_woi)
-        written.append(save_png(chart, out.with_name(f"{out.stem}_wwoi.png")))
+        written.append(save_png(chart, paths["wwoi"]))
     return written
+
+
+def save_mask(mask: torch.Tensor, path: str | Path) -> Path:
+    """Write a boolean mask (H, W) as an 8-bit grey 0/255 picture in the format of ``path``'s suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(path, format=MASK_FORMATS[path.suffix.lower()])
+    return path
 
 
 def write_comparison(first: Prediction, second: Prediction, texts: tuple[str, str], out: str | Path) -> Path:

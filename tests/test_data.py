@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from reclmis.data import (
     DatasetError,
+    DatasetWarning,
     LViTDataset,
     TrainAugmentation,
     find_notes_file,
@@ -143,14 +146,14 @@ def test_plain_naming_csv_notes_grey_and_binarised_masks(tmp_path):
     names = make_split(tmp_path, "Val", notes="csv", grey=True, image_ext=".jpg")
     mask_path = tmp_path / "Val_Folder" / "labelcol" / "case1.png"
     soft = np.zeros((20, 20), np.uint8)
-    soft[2, 3], soft[5, 6] = 1, 128  # any value above 0 is foreground
+    soft[2, 3], soft[5, 6] = 127, 128  # foreground above half the 8-bit range
     Image.fromarray(soft).save(mask_path)
     dataset = LViTDataset(tmp_path, "val", image_size=20, cache=False)
     assert dataset.names == names
     item = dataset[1]
     assert item["image"].shape == (3, 20, 20)
     assert torch.equal(item["image"][0], item["image"][2])
-    assert item["mask"].sum() == 2 and item["mask"][0, 2, 3] == 1 and item["mask"][0, 5, 6] == 1
+    assert item["mask"].sum() == 1 and item["mask"][0, 5, 6] == 1
     assert item["text"] == "note 1 for case1"
 
 
@@ -369,6 +372,182 @@ def test_bad_arguments_raise(tmp_path):
         LViTDataset(tmp_path, "validation", image_size=16)
     with pytest.raises(ValueError, match="image_size"):
         LViTDataset(tmp_path, "train", image_size=0)
+
+
+# ---------------------------------------------------------------- mask encodings and bit depths
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def encode_mask(foreground: np.ndarray, encoding: str, path: Path) -> Path:
+    """Write the bool mask ``foreground`` as an annotation tool would; returns the file written."""
+    rng = np.random.default_rng(0)
+    fg = foreground.astype(np.uint8)
+    if encoding == "grey 0/255":
+        Image.fromarray(fg * 255).save(path)
+    elif encoding == "background 3, foreground 255":
+        Image.fromarray(np.where(foreground, 255, 3).astype(np.uint8)).save(path)
+    elif encoding == "jpeg 0/255":
+        path = path.with_suffix(".jpg")
+        Image.fromarray(fg * 255).save(path, quality=75)
+    elif encoding == "grey 0/1":
+        Image.fromarray(fg).save(path)
+    elif encoding == "grey 0/128":
+        Image.fromarray(fg * 128).save(path)
+    elif encoding == "soft map":  # probabilities above 0.5 in the foreground, below in the background
+        high, low = rng.uniform(0.55, 1.0, fg.shape), rng.uniform(0.0, 0.45, fg.shape)
+        Image.fromarray(np.round(255 * np.where(foreground, high, low)).astype(np.uint8)).save(path)
+    elif encoding == "bilevel":
+        Image.fromarray(foreground).convert("1").save(path)
+    elif encoding in ("16-bit 0/65535", "16-bit 0/1", "16-bit 0/255"):
+        top = int(encoding.split("/")[1])
+        Image.fromarray(fg.astype(np.uint16) * top).save(path)
+    elif encoding == "float probabilities":
+        path = path.with_suffix(".tif")
+        Image.fromarray(np.where(foreground, 0.9, 0.1).astype(np.float32)).save(path)
+    elif encoding == "palette":  # index 1 is VOC's first class colour (128, 0, 0)
+        picture = Image.fromarray(fg, mode="L").convert("P")
+        picture.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+        picture.save(path)
+    elif encoding == "palette, background transparent":
+        picture = Image.fromarray(fg, mode="L").convert("P")
+        picture.putpalette([255, 255, 255, 255, 255, 255] + [0] * 762)
+        picture.save(path, transparency=0)
+    elif encoding == "RGB red on black":
+        Image.fromarray(np.stack([fg * 255, fg * 0, fg * 0], axis=2)).save(path)
+    elif encoding == "RGBA white, mask in alpha":
+        Image.fromarray(np.dstack([np.full((*fg.shape, 3), 255, np.uint8), fg * 255])).save(path)
+    elif encoding == "RGBA black, mask in alpha":
+        Image.fromarray(np.dstack([np.zeros((*fg.shape, 3), np.uint8), fg * 255])).save(path)
+    elif encoding == "RGBA white on transparent black":
+        Image.fromarray(np.dstack([np.repeat(fg[..., None] * 255, 3, axis=2), fg * 255])).save(path)
+    elif encoding == "RGBA red on transparent white":
+        colour = np.where(foreground[..., None], [255, 0, 0], [255, 255, 255]).astype(np.uint8)
+        Image.fromarray(np.dstack([colour, fg * 255])).save(path)
+    elif encoding == "RGBA opaque white on black":
+        Image.fromarray(
+            np.dstack([np.repeat(fg[..., None] * 255, 3, axis=2), np.full(fg.shape, 255, np.uint8)])
+        ).save(path)
+    elif encoding == "grey and alpha, mask in alpha":
+        Image.fromarray(np.dstack([np.full(fg.shape, 255, np.uint8), fg * 255]), mode="LA").save(path)
+    else:
+        raise AssertionError(encoding)
+    return path
+
+
+MASK_ENCODINGS = [
+    "grey 0/255",
+    "background 3, foreground 255",
+    "jpeg 0/255",
+    "grey 0/1",
+    "grey 0/128",
+    "soft map",
+    "bilevel",
+    "16-bit 0/65535",
+    "16-bit 0/1",
+    "16-bit 0/255",
+    "float probabilities",
+    "palette",
+    "palette, background transparent",
+    "RGB red on black",
+    "RGBA white, mask in alpha",
+    "RGBA black, mask in alpha",
+    "RGBA white on transparent black",
+    "RGBA red on transparent white",
+    "RGBA opaque white on black",
+    "grey and alpha, mask in alpha",
+]
+
+
+@pytest.mark.parametrize("encoding", MASK_ENCODINGS)
+def test_masks_read_in_every_encoding_give_the_drawn_foreground(tmp_path, encoding):
+    make_split(tmp_path, n=2)
+    labelcol = tmp_path / "Train_Folder" / "labelcol"
+    clean = LViTDataset(tmp_path, "train", image_size=20, cache=False)[1]["mask"]
+    assert clean.sum() == 64
+    foreground = np.zeros((20, 20), bool)
+    foreground[4:12, 5:13] = True
+    (labelcol / "case1.png").unlink()
+    written = encode_mask(foreground, encoding, labelcol / "case1.png")
+    if written.suffix != ".png":  # the notes name the mask; the reader also finds it under "<stem>.png"
+        assert written.stem == "case1"
+    item = LViTDataset(tmp_path, "train", image_size=20, cache=False)[1]
+    assert torch.equal(item["mask"], clean), encoding
+
+
+def test_uniform_masks_get_one_warning_naming_them(tmp_path):
+    make_split(tmp_path, n=4)
+    with warnings_as_errors():
+        LViTDataset(tmp_path, "train", image_size=20).check_masks()  # clean masks: no warning
+    labelcol = tmp_path / "Train_Folder" / "labelcol"
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(labelcol / "case0.png")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(labelcol / "case2.png")
+    Image.fromarray(np.full((20, 20), 255, np.uint8)).save(labelcol / "case3.png")
+    dataset = LViTDataset(tmp_path, "train", image_size=10)
+    with pytest.warns(DatasetWarning) as caught:
+        empty, full = dataset.check_masks()
+    assert (empty, full) == (["case0.png", "case2.png"], ["case3.png"])
+    (message,) = [str(w.message) for w in caught]
+    assert "2 of 4 masks are entirely background (case0.png, case2.png)" in message
+    assert "1 of 4 masks are entirely foreground (case3.png)" in message and "at 10x10" in message
+    # at the model's size: a single pixel vanishes when nearest resizing skips it
+    Image.fromarray(np.pad(np.full((1, 1), 255, np.uint8), ((0, 19), (0, 19)))).save(labelcol / "case0.png")
+    with pytest.warns(DatasetWarning, match="1 of 4 masks are entirely background"):
+        assert LViTDataset(tmp_path, "train", image_size=20).check_masks()[0] == ["case2.png"]
+    with pytest.warns(DatasetWarning, match="2 of 4 masks are entirely background"):
+        assert LViTDataset(tmp_path, "train", image_size=10).check_masks()[0] == ["case0.png", "case2.png"]
+
+
+def write_16bit(path: Path, values: np.ndarray, significant_bits: int | None = None) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if significant_bits is not None:
+        info = PngInfo()
+        info.add(b"sBIT", bytes([significant_bits]))
+    Image.fromarray(values.astype(np.uint16)).save(path, pnginfo=info)
+
+
+def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+    """12-bit data in a 16-bit PNG: scaled by 4095 as its sBIT chunk says, or, without one, by the smallest
+    even bit depth that holds its values with a warning; a full-range image by 65535, silently."""
+    ramp = np.linspace(0, 4095, 16 * 16).round().reshape(16, 16)
+    expected = torch.from_numpy(np.round(ramp / 4095 * 255)).float() / 255
+    stated, guessed, full = (
+        tmp_path / "stated" / "a.png",
+        tmp_path / "guessed" / "a.png",
+        tmp_path / "full.png",
+    )
+    for path in (stated, guessed):
+        path.parent.mkdir()
+    write_16bit(stated, ramp, significant_bits=12)
+    write_16bit(guessed, ramp)
+    write_16bit(full, ramp * 16)
+    with warnings_as_errors():
+        image = load_image(stated, 16)
+    torch.testing.assert_close(image[0], expected, rtol=0, atol=0)
+    with pytest.warns(
+        DatasetWarning, match=r"a\.png: a 16-bit image whose values reach 4095, read as 12-bit"
+    ):
+        image = load_image(guessed, 16)
+    torch.testing.assert_close(image[0], expected, rtol=0, atol=0)
+    with warnings_as_errors():
+        image = load_image(full, 16)
+    torch.testing.assert_close(image[0], torch.from_numpy(np.round(ramp * 16 / 65535 * 255)).float() / 255)
+    assert image.max() > 0.99
+
+
+def test_an_image_beside_another_of_the_same_name_is_an_error_naming_both(tmp_path):
+    make_split(tmp_path)
+    image = tmp_path / "Train_Folder" / "img" / "case1.png"
+    Image.open(image).save(image.with_suffix(".jpg"))
+    with pytest.raises(DatasetError, match=r"images .*case1\.jpg and .*case1\.png share the name 'case1'"):
+        LViTDataset(tmp_path, "train", image_size=16)
 
 
 # ---------------------------------------------------------------- augmentation

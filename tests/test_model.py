@@ -87,7 +87,9 @@ def test_segmentation_loss_is_the_official_dice_by_default() -> None:
         {"w_head_dropout": 0.5},
         {"attention_mode": "scale"},
         {"recon_memory_layers": 0},
-        {"interaction_gate": True},
+        {"interaction_injection": "residual"},
+        {"interaction_injection": "official"},
+        {"interaction_injection": "residual", "interaction_gate": True},
         {"interaction_norm": True},
     ],
     ids=str,
@@ -248,7 +250,8 @@ def test_bad_inputs_name_the_argument(mutate, error, match) -> None:
         ({"text_mask_ratio": -0.1}, "text_mask_ratio"),
         ({"attention_mode": "softmax"}, "attention_mode"),
         ({"recon_heads": 3}, "recon_heads"),
-        ({"interaction_gate": True, "interaction_residual": False}, "interaction_gate"),
+        ({"interaction_gate": True}, "interaction_gate"),  # the note gate needs the residual injection
+        ({"interaction_injection": "sum"}, "interaction_injection"),
     ],
 )
 def test_bad_config_names_the_field(overrides, match) -> None:
@@ -256,27 +259,55 @@ def test_bad_config_names_the_field(overrides, match) -> None:
         RecLMISConfig.preset("tiny", **overrides)
 
 
-def test_text_gate_starts_as_the_ungated_model_and_then_scales_visual_tokens() -> None:
-    """The gate's Linear is zero-initialised (g = 1): the gated model computes the ungated one's function
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_the_gated_injection_starts_as_the_image_only_network(train: bool) -> None:
+    """With the encoder and decoder weights of a text-off model, the default (gated) model gives its logits
+    exactly at initialisation, in eval and in train mode (CI's dropout acts on CI's own tokens only), and
+    the gate receives a gradient, so training can open the note's path."""
+    text_on = make_model()
+    text_off = RecLMIS(text_on.config.replace(use_text=False))
+    text_off.encoder.load_state_dict(text_on.encoder.state_dict())
+    text_off.decoder.load_state_dict(text_on.decoder.state_dict())
+    images, ids, mask, masks = make_batch(text_on)
+    text_on.train(train), text_off.train(train)
+    torch.manual_seed(1)
+    on = text_on(images, ids, mask, masks)
+    off = text_off(images, masks=masks)
+    torch.testing.assert_close(on.logits, off.logits, rtol=0, atol=0)
+    if train:
+        on.losses["total"].backward()
+        alpha = text_on.interaction.alpha
+        assert alpha.grad is not None and alpha.grad.abs().sum() > 0 and (alpha == 0).all()
+    with torch.no_grad():
+        text_on.interaction.alpha.fill_(0.5)  # an opened gate: the note now changes the segmentation
+    assert not torch.allclose(text_on.eval()(images, ids, mask).logits, text_off.eval()(images).logits)
+
+
+def test_note_gate_starts_as_the_ungated_model_and_then_scales_visual_tokens() -> None:
+    """The note gate's Linear is zero-initialised (g = 1): the model computes the residual one's function
     until training moves it; a trained gate scales V by the note."""
-    plain, gated = make_model(), make_model(interaction_gate=True)
+    plain = make_model(interaction_injection="residual")
+    gated = make_model(interaction_injection="residual", interaction_gate=True)
     missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and sorted(missing) == ["interaction.gate.bias", "interaction.gate.weight"]
+    assert unexpected == [] and sorted(missing) == [
+        "interaction.note_gate.bias",
+        "interaction.note_gate.weight",
+    ]
     images, ids, mask, _ = make_batch(plain)
     plain.eval(), gated.eval()
     torch.testing.assert_close(gated(images, ids, mask).logits, plain(images, ids, mask).logits)
     with torch.no_grad():
-        gated.interaction.gate.bias.fill_(-3.0)  # g = 2 sigmoid(-3): the visual tokens scaled by 0.095
+        gated.interaction.note_gate.bias.fill_(-3.0)  # g = 2 sigmoid(-3): the visual tokens scaled by 0.095
     assert not torch.allclose(gated(images, ids, mask).logits, plain(images, ids, mask).logits)
 
 
-@pytest.mark.parametrize("residual", [True, False], ids=["residual", "official"])
-def test_interaction_norm_bounds_what_the_attentions_add(residual: bool) -> None:
+@pytest.mark.parametrize("injection", ["residual", "official"])
+def test_interaction_norm_bounds_what_the_attentions_add(injection: str) -> None:
     """With interaction_norm the logits do not change when both attentions' output projections are scaled
     up 1000x (the drift it guards against); without it they do."""
     images, ids, mask, _ = make_batch(make_model())
     for norm in (True, False):
-        model = make_model(interaction_norm=norm, interaction_residual=residual).eval()
+        model = make_model(interaction_norm=norm, interaction_injection=injection).eval()
         before = model(images, ids, mask).logits
         with torch.no_grad():
             for attention in (model.interaction.text_attention, model.interaction.image_attention):

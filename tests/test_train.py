@@ -120,7 +120,8 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path, capsys) -> None:
                  str(out_json), "--save-predictions", str(overlays), "--per-image-csv", str(tmp_path / "per.csv"),
                  "--device", "cpu"]) == 0  # fmt: skip
     metrics = json.loads(out_json.read_text())
-    assert set(metrics) == {"dice", "iou", "n", "mask_resize", "empty_score", "notes"}
+    assert set(metrics) == {"dice", "iou", "n", "pooled_dice", "pooled_iou", "protocols", "mask_foreground",
+                            "mask_resize", "empty_score", "notes"}  # fmt: skip
     assert metrics["n"] == 8 and 0 <= metrics["iou"] <= metrics["dice"] <= 1
     assert (metrics["mask_resize"], metrics["empty_score"]) == ("nearest", 1.0)  # as trained
     assert len(list(overlays.glob("*_overlay.png"))) == 8
@@ -182,13 +183,15 @@ def test_cli_errors_are_clear(synthetic, tmp_path, capsys) -> None:
 
 
 def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synthetic, tmp_path) -> None:
-    """A checkpoint written before ``recon_memory_layers`` (and the official segmentation loss) existed
-    rebuilds its own model: reconstructors without a memory stack, 5 * (Dice + BCE) with a linear Dice.
+    """A version-1 checkpoint written before ``recon_memory_layers`` (and the official segmentation loss)
+    existed rebuilds its own model through the upgrade chain: reconstructors without a memory stack,
+    5 * (Dice + BCE) with a linear Dice, CI's residual injection.
     Weights that do not fit their configuration fail with a clear error, never silently."""
     from reclmis.model import NoteTokenizer, RecLMIS
 
     model_config, train_config = tiny_configs()
     legacy = model_config.replace(
+        interaction_injection="residual",
         recon_memory_layers=0,
         dice_squared=False,
         dice_smooth=1.0,
@@ -199,6 +202,8 @@ def test_checkpoint_from_before_the_memory_stack_loads_as_the_model_it_was(synth
     old_config = legacy.to_dict()
     for name in ("recon_memory_layers", "recon_causal", "w_head_dropout", "dice_squared", "dice_smooth"):
         del old_config[name]
+    del old_config["interaction_injection"]
+    old_config["interaction_residual"] = True  # version 1 named CI's residual form so
     old_config["loss_weights"] = {k: old_config["loss_weights"][k] for k in ("v2t", "t2v", "ccl", "seg")}
     state = {
         "model": model.state_dict(),

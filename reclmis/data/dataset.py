@@ -2,8 +2,8 @@
 
 A dataset root holds one folder per split, each with images, binary masks and a notes table::
 
-    <root>/Train_Folder/img/*.png          images (png, jpg, jpeg, tif, tiff; RGB or grey)
-    <root>/Train_Folder/labelcol/*.png     masks, foreground = any value above 0
+    <root>/Train_Folder/img/*.png          images (png, jpg, jpeg, tif, tiff; RGB or grey, 8 or 16 bits)
+    <root>/Train_Folder/labelcol/*.png     masks: foreground above half the value range (MASK_RULE)
     <root>/Train_Folder/Train_text.xlsx    columns ``Image`` (the mask file name) and ``Description``
     <root>/Val_Folder/...                  likewise, notes in Val_text.xlsx
     <root>/Test_Folder/...                 likewise, notes in Test_text.xlsx
@@ -12,11 +12,22 @@ A mask is named like its image (MoNuSeg, MosMedData+; the extension may differ, 
 ``labelcol/X.png``) or carries QaTa's prefix (``labelcol/mask_X.png`` for ``img/X.png``). Notes may also be
 ``.csv`` files, may sit in the root instead of the split folder, and QaTa's shared ``Train_Val_text.xlsx``
 serves the train and validation splits. Every inconsistency raises :class:`DatasetError` naming the file.
+
+Masks are read as annotation tools write them (:data:`MASK_RULE`, docs/masks.md): 1-, 8- and 16-bit grey,
+palette, RGB, grey with alpha and RGBA. A pixel is foreground where its value is above half the value
+range: 0..1 when the mask holds nothing above 1 (a label map), else 0..255, else 0..65535. So 0/255 with
+JPEG noise, 0/1, 0/128 and probability maps (above 0.5) all give the intended mask. A colour mask takes
+its brightest channel; one with alpha takes the alpha channel when the colours are the same at every pixel
+(a mask drawn in the alpha channel), else the colours composited over black. 16-bit grey images are scaled
+by their bit depth: the one the file states (PNG sBIT, TIFF MaxSampleValue), else the smallest of 8, 10,
+12, 14 or 16 bits that holds the image's largest value, with a warning when that is below 16.
 """
 
 from __future__ import annotations
 
 import csv
+import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +42,10 @@ from reclmis.data.transforms import TrainAugmentation, resize_mask
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MASK_RULE",
     "SPLITS",
     "DatasetError",
+    "DatasetWarning",
     "LViTDataset",
     "Sample",
     "find_notes_file",
@@ -45,11 +58,24 @@ SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
 QATA_MASK_PREFIX = "mask_"
 SHARED_NOTES_STEM = "Train_Val"
 
+MASK_RANGES = (1, 255, 65535)  # a mask's value range: the smallest of these holding its largest value
+MASK_RULE = (
+    "foreground above half the value range (0..1 if the mask holds nothing above 1, else 0..255, else "
+    "0..65535); colour: the brightest channel; with alpha: the alpha channel if the colours are uniform, "
+    "else the colours over black"
+)
+IMAGE_BIT_DEPTHS = (8, 10, 12, 14, 16)  # for 16-bit images that do not state how many bits they use
+UNIFORM_MASKS_SHOWN = 5
+
 JointTransform = Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor, str]]
 
 
 class DatasetError(ValueError):
     """A dataset folder is incomplete or inconsistent; the message names the file."""
+
+
+class DatasetWarning(UserWarning):
+    """Data that is readable but probably not what was meant (e.g. masks without foreground)."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +149,10 @@ class LViTDataset(Dataset):
     """One split of an LViT-layout dataset as ``dict(image, mask, text, name)`` items.
 
     ``image`` is a float32 tensor (3, S, S) in [0, 1] (grey images are replicated to three channels),
-    resized bicubic; ``mask`` is a float32 tensor (1, S, S) in {0, 1}, binarised (> 0) then resized by
-    ``mask_resize`` ("nearest", or "bilinear" then > 0 as the official loader: see
+    resized bicubic; ``mask`` is a float32 tensor (1, S, S) in {0, 1}, binarised by :data:`MASK_RULE`
+    then resized by ``mask_resize`` ("nearest", or "bilinear" then > 0 as the official loader: see
     :func:`~reclmis.data.transforms.resize_mask`); ``text`` is the note; ``name`` the image file name.
+    :meth:`check_masks` warns about masks without background or foreground at the model's size.
 
     The constructor pairs every image with its mask and note and reads every file header, so a broken
     folder fails here, before training. ``transform``, a joint ``(image, mask, note) -> (image, mask, note)``
@@ -181,6 +208,36 @@ class LViTDataset(Dataset):
         for index in range(len(self)):
             self._load(index)
 
+    def check_masks(self) -> tuple[list[str], list[str]]:
+        """The masks that are entirely background and those entirely foreground at the model's size;
+        when there are any, one :class:`DatasetWarning` says how many and names the first files (a mask
+        encoding read wrongly looks like this)."""
+        empty, full = [], []
+        for index, sample in enumerate(self.samples):
+            cached = self._cache.get(index)
+            mask = cached[1] if cached is not None else self._mask(sample)
+            if not mask.any():
+                empty.append(sample.mask_path.name)
+            elif mask.all():
+                full.append(sample.mask_path.name)
+        if empty or full:
+            parts = [
+                f"{len(names)} of {len(self)} masks are entirely {kind} ({_first(names)})"
+                for names, kind in ((empty, "background"), (full, "foreground"))
+                if names
+            ]
+            warnings.warn(
+                f"{self.folder / 'labelcol'}: {' and '.join(parts)} at {self.image_size}x{self.image_size}; "
+                f"if they should not be, check how they are encoded (read as: {MASK_RULE})",
+                DatasetWarning,
+                stacklevel=2,
+            )
+        return empty, full
+
+    def _mask(self, sample: Sample) -> torch.Tensor:
+        foreground = torch.from_numpy(_read_mask(sample.mask_path))
+        return resize_mask(foreground, self.image_size, self.mask_resize)[None].to(torch.uint8)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         sample = self.samples[index]
         image_u8, mask_u8 = self._load(index)
@@ -196,9 +253,7 @@ class LViTDataset(Dataset):
         if cached is not None:
             return cached
         sample = self.samples[index]
-        foreground = torch.from_numpy(_read_mask(sample.mask_path))
-        mask = resize_mask(foreground, self.image_size, self.mask_resize)
-        item = (_image_tensor_u8(sample.image_path, self.image_size), mask[None].to(torch.uint8))
+        item = (_image_tensor_u8(sample.image_path, self.image_size), self._mask(sample))
         if self.cache:
             self._cache[index] = item
         return item
@@ -273,6 +328,7 @@ def _list_images(folder: Path) -> list[Path]:
 def _pair_files(folder: Path, notes: dict[str, str], notes_file: Path) -> list[Sample]:
     """Pair each image with its mask and note; every image needs both and every mask an image."""
     images = _list_images(folder / "img")
+    _check_unique_stems(images)
     masks_by_stem: dict[str, list[Path]] = {}
     for mask in _list_images(folder / "labelcol"):
         masks_by_stem.setdefault(mask.stem, []).append(mask)
@@ -304,6 +360,24 @@ def _pair_files(folder: Path, notes: dict[str, str], notes_file: Path) -> list[S
     return samples
 
 
+def _check_unique_stems(images: list[Path]) -> None:
+    """Masks are found by the image's name without its suffix: two images may not share it."""
+    by_stem: dict[str, list[Path]] = {}
+    for image in images:
+        by_stem.setdefault(image.stem, []).append(image)
+    for stem, group in by_stem.items():
+        if len(group) > 1:
+            raise DatasetError(
+                f"images {' and '.join(str(p) for p in group)} share the name {stem!r}: their mask and note "
+                "are found by that name, so keep one of them"
+            )
+
+
+def _first(names: list[str]) -> str:
+    more = ", ..." if len(names) > UNIFORM_MASKS_SHOWN else ""
+    return ", ".join(names[:UNIFORM_MASKS_SHOWN]) + more
+
+
 def _check_pair(image: Path, mask: Path) -> None:
     """Read both headers: each file must be a readable picture and both must have the same size."""
     sizes = []
@@ -320,12 +394,14 @@ def _check_pair(image: Path, mask: Path) -> None:
 
 
 def _read_image(path: Path) -> Image.Image:
-    """Decode an image as 8-bit RGB (grey replicated; 16-bit grey scaled to 8 bits)."""
+    """Decode an image as 8-bit RGB (grey replicated; 16-bit grey scaled from its bit depth to 8 bits)."""
     try:
         with Image.open(path) as picture:
             picture.load()
             if picture.mode.startswith("I;16"):
-                values = np.asarray(picture, dtype=np.float64) / 65535.0 * 255.0
+                values = np.asarray(picture, dtype=np.float64)
+                top = 2 ** _bit_depth(picture, path, values) - 1
+                values = np.clip(values, 0, top) / top * 255.0
                 return Image.fromarray(np.round(values).astype(np.uint8)).convert("RGB")
             if picture.mode in ("I", "F"):
                 raise DatasetError(
@@ -336,17 +412,92 @@ def _read_image(path: Path) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {exc}") from exc
 
 
+_warned_bit_depths: set[Path] = set()
+
+
+def _bit_depth(picture: Image.Image, path: Path, values: np.ndarray) -> int:
+    """The bits a 16-bit grey image uses: stated by the file (PNG sBIT, TIFF MaxSampleValue), else the
+    smallest of IMAGE_BIT_DEPTHS holding its largest value, with a warning (once per folder) below 16."""
+    stated = _stated_bit_depth(picture, path)
+    if stated is not None:
+        return stated
+    top = values.max() if values.size else 0
+    bits = next(b for b in IMAGE_BIT_DEPTHS if top <= 2**b - 1)
+    if bits < 16 and path.parent not in _warned_bit_depths:
+        _warned_bit_depths.add(path.parent)
+        warnings.warn(
+            f"{path}: a 16-bit image whose values reach {int(top)}, read as {bits}-bit data (scaled by "
+            f"{2**bits - 1}, not 65535); images of this folder that do not state their bit depth (PNG sBIT) "
+            "are read the same way, each by the smallest of 8, 10, 12, 14, 16 bits that holds its values",
+            DatasetWarning,
+            stacklevel=2,
+        )
+    return bits
+
+
+def _stated_bit_depth(picture: Image.Image, path: Path) -> int | None:
+    if picture.format == "TIFF":
+        top = picture.tag_v2.get(281)  # MaxSampleValue
+        top = top[0] if isinstance(top, tuple) else top
+        return int(top).bit_length() if top else None
+    if picture.format == "PNG":
+        bits = _png_chunk(path, b"sBIT")
+        return bits[0] if bits and 1 <= bits[0] <= 16 else None
+    return None
+
+
+def _png_chunk(path: Path, name: bytes) -> bytes | None:
+    """The data of the first chunk ``name`` before the pixel data of a PNG file, or None."""
+    with path.open("rb") as handle:
+        handle.read(8)  # the signature
+        while header := handle.read(8):
+            if len(header) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", header)
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            data = handle.read(length)
+            handle.read(4)  # CRC
+            if kind == name:
+                return data
+    return None
+
+
 def _read_mask(path: Path) -> np.ndarray:
-    """Decode a mask as a bool array (H, W): foreground is any value above 0 in any colour channel."""
+    """Decode a mask as a bool array (H, W) by :data:`MASK_RULE`."""
     try:
         with Image.open(path) as picture:
             picture.load()
-            if picture.mode in ("P", "PA", "RGBA", "LA", "CMYK"):
-                picture = picture.convert("RGB")
-            values = np.asarray(picture)
+            values = _mask_values(picture)
     except (UnidentifiedImageError, OSError) as exc:
         raise DatasetError(f"cannot read mask {path}: {exc}") from exc
-    foreground = values > 0
-    if foreground.ndim == 3:
-        foreground = foreground.any(axis=2)
-    return np.ascontiguousarray(foreground)
+    top = values.max() if values.size else 0
+    value_range = next((r for r in MASK_RANGES if top <= r), None)
+    if value_range is None:
+        raise DatasetError(f"mask {path} holds values up to {top}, above the 16-bit range")
+    return np.ascontiguousarray(values > value_range / 2)
+
+
+def _mask_values(picture: Image.Image) -> np.ndarray:
+    """One value per pixel (H, W): grey as it is, colour's brightest channel, alpha as MASK_RULE says."""
+    if picture.mode == "1":
+        return np.asarray(picture, dtype=np.uint8)
+    if picture.mode in ("P", "PA"):
+        has_alpha = picture.mode == "PA" or "transparency" in picture.info
+        picture = picture.convert("RGBA" if has_alpha else "RGB")
+    elif picture.mode not in ("L", "LA", "RGB", "RGBA", "I", "F") and not picture.mode.startswith("I;16"):
+        picture = picture.convert("RGB")
+    values = np.asarray(picture)
+    if values.ndim == 2:
+        return values
+    if picture.mode not in ("LA", "RGBA"):
+        return values.max(axis=2)
+    colour, alpha = values[..., :-1], values[..., -1]
+    if _uniform(colour) and not _uniform(alpha):
+        return alpha  # the mask is drawn in the alpha channel
+    return colour.max(axis=2) * (alpha / 255.0)  # what shows over black
+
+
+def _uniform(values: np.ndarray) -> bool:
+    flat = values.reshape(-1, values.shape[-1]) if values.ndim == 3 else values.reshape(-1)
+    return bool((flat == flat[0]).all())

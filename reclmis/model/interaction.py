@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reclmis.config import INJECTIONS
+
 
 def masked_conv1d(conv: nn.Conv1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Conv1d over tokens x (B, L, C) that sees padded positions as zeros, like the sequence border."""
@@ -60,15 +62,29 @@ class MaskedConvBNReLU(nn.Module):
 
 
 class ConditionedInteraction(nn.Module):
-    """CI: E' = E + MHA(query=E, key/value=V), V' = V + MHA(query=V, key/value=E'), E' -> Conv1d-BN-ReLU.
+    """Conditioned Interaction (CI) and the way the note enters the segmentation path.
 
-    V (B, N, C) gets a 1x1 patch embedding and a learned position embedding first. Returns (V', E').
-    With ``residual=False`` the two sums are dropped, as in the official code: the note then reaches the
-    decoder only through the attention patterns (docs/differences.md). With ``gate=True`` the text also
-    scales the visual tokens: V' = g * V + MHA(V, E'), g = 2 sigmoid(Linear(MHA(V, E'))) per patch and
-    channel, the Linear zero-initialised so that g starts at 1. With ``norm=True`` each attention's output
-    is layer-normalised before the sum (E' = E + LN(MHA(E, V)), V' = V + LN(MHA(V, E'))), which bounds what
-    the note adds to the visual tokens whatever scale the attention weights drift to.
+    From the stage-4 tokens V4 (B, N, C) and the projected note E (B, L, C):
+
+        V  = dropout(patch_embedding(V4) + position embedding)
+        E' = E + MHA(query=E, key/value=V), then Conv1d-BN-ReLU over the valid words
+        A  = MHA(query=V, key/value=E')           what the note says to each patch
+        V' = V + A                                CI's visual output, which W_poi reads
+
+    ``injection`` chooses the decoder's input D:
+
+    - "gated":    D = V4 + tanh(alpha) * A, with a gate alpha (C,) per channel initialised at 0. At
+      initialisation the decoder receives the stage-4 features exactly as the image-only network does, and
+      training opens the note's path (Flamingo's tanh-gated cross-attention);
+    - "residual": D = V';
+    - "official": no residual sums, as the official module: E' = MHA(E, V), D = V' = A.
+
+    With ``note_gate`` the note also scales the visual tokens in the residual form: V' = g * V + A,
+    g = 2 sigmoid(Linear(A)) per patch and channel, the Linear zero-initialised so that g starts at 1. With
+    ``norm`` each attention's output is layer-normalised before its sum (E' = E + LN(MHA(E, V)), A = LN(...)),
+    which bounds what the note adds whatever scale the attention weights drift to.
+
+    Returns (V', D, E'): V' and E' (B, N, C) and (B, L, C), D (B, C, g, g) in V4's layout.
     """
 
     def __init__(
@@ -77,18 +93,21 @@ class ConditionedInteraction(nn.Module):
         num_patches: int,
         heads: int,
         dropout: float = 0.1,
-        residual: bool = True,
-        gate: bool = False,
+        injection: str = "gated",
+        note_gate: bool = False,
         norm: bool = False,
     ) -> None:
         super().__init__()
-        if gate and not residual:
-            raise ValueError("the text gate scales the residual visual tokens: it needs residual=True")
-        self.residual = residual
-        self.gate = nn.Linear(width, width) if gate else None
-        if self.gate is not None:
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+        if note_gate and injection != "residual":
+            raise ValueError("the note gate scales the residual visual tokens: it needs injection='residual'")
+        self.injection = injection
+        self.alpha = nn.Parameter(torch.zeros(width)) if injection == "gated" else None
+        self.note_gate = nn.Linear(width, width) if note_gate else None
+        if self.note_gate is not None:
+            nn.init.zeros_(self.note_gate.weight)
+            nn.init.zeros_(self.note_gate.bias)
         self.text_norm = nn.LayerNorm(width) if norm else nn.Identity()
         self.image_norm = nn.LayerNorm(width) if norm else nn.Identity()
         self.patch_embedding = nn.Conv2d(width, width, kernel_size=1)
@@ -100,20 +119,24 @@ class ConditionedInteraction(nn.Module):
 
     def forward(
         self, stage4: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # stage4 (B, C, g, g); text (B, L, C); text_mask (B, L) bool
         v = self.patch_embedding(stage4).flatten(2).transpose(1, 2)  # (B, N, C)
         v = self.dropout(v + self.position_embedding)
         e = self.text_norm(self.text_attention(text, v, v, need_weights=False)[0])  # (B, L, C)
-        if self.residual:
+        if self.injection != "official":
             e = e + text
-        padding = ~text_mask
-        attended = self.image_attention(v, e, e, key_padding_mask=padding, need_weights=False)[0]  # (B, N, C)
-        attended = self.image_norm(attended)
-        if self.gate is not None:
-            v = 2 * torch.sigmoid(self.gate(attended)) * v
-        v = v + attended if self.residual else attended
-        return v, self.text_refine(e, text_mask)
+        attended = self.image_attention(v, e, e, key_padding_mask=~text_mask, need_weights=False)[0]
+        attended = self.image_norm(attended)  # A (B, N, C)
+        if self.note_gate is not None:
+            v = 2 * torch.sigmoid(self.note_gate(attended)) * v
+        v = attended if self.injection == "official" else v + attended
+        if self.alpha is not None:
+            note = attended.transpose(1, 2).reshape(stage4.shape)
+            decoder_input = stage4 + torch.tanh(self.alpha)[:, None, None] * note
+        else:
+            decoder_input = v.transpose(1, 2).reshape(stage4.shape)
+        return v, decoder_input, self.text_refine(e, text_mask)
 
 
 class InterestWeights(nn.Module):

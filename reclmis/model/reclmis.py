@@ -76,8 +76,8 @@ class RecLMIS(nn.Module):
             width,
             config.num_patches,
             config.interaction_heads,
-            residual=config.interaction_residual,
-            gate=config.interaction_gate,
+            injection=config.interaction_injection,
+            note_gate=config.interaction_gate,
             norm=config.interaction_norm,
         )
         self.poi_head = InterestWeights(width, config.w_head_dropout)  # W_poi
@@ -159,8 +159,8 @@ class RecLMIS(nn.Module):
         text = (
             masked_conv1d(self.text_projection, text_features, text_mask) * text_mask[..., None]
         )  # E (B, L, C)
-        v_ci, e_ci = self.interaction(stage4, text, text_mask)  # V' (B, N, C), E' (B, L, C)
-        logits = self.decoder(v_ci.transpose(1, 2).reshape(stage4.shape), skips)
+        v_ci, decoder_input, e_ci = self.interaction(stage4, text, text_mask)  # V' (B, N, C), E' (B, L, C)
+        logits = self.decoder(decoder_input, skips)
         out = RecLMISOutput(logits)
         if self.training or return_weights:
             out.w_poi = self.poi_head(v_ci)

@@ -20,9 +20,11 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmResta
 
 from reclmis.config import TrainConfig
 
-# The TrainConfig fields that shape each schedule (a resumed run must keep them).
+# The TrainConfig fields that shape each schedule (a resumed run must keep them). Every schedule also keeps
+# lr and weight_decay, restored with the optimizer's state; the cosine's period (epochs) is in its own.
+OPTIMIZER_FIELDS = ("lr", "weight_decay")
 SCHEDULE_FIELDS = {
-    "cosine": ("min_lr",),
+    "cosine": ("min_lr", "epochs"),
     "cosine_restarts": ("min_lr", "restart_epochs"),
     "exponential": ("min_lr", "lr_decay"),
     "constant": (),
@@ -55,13 +57,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LRSch
 def check_same_schedule(saved: dict[str, Any], cfg: TrainConfig) -> None:
     """Raise ValueError when a checkpoint's training configuration (a dict; checkpoints written before
     ``scheduler`` existed used "cosine") schedules the learning rate otherwise than ``cfg``: a scheduler's
-    saved state only makes sense for the schedule that wrote it."""
+    saved state only makes sense for the schedule that wrote it, and the restored optimizer state keeps the
+    checkpoint's lr and weight decay, which the run's config.json must then not contradict."""
     defaults = TrainConfig().to_dict() | {"scheduler": "cosine"}
     saved = defaults | saved
-    changed = [
-        name for name in ("scheduler", *SCHEDULE_FIELDS[cfg.scheduler]) if saved[name] != getattr(cfg, name)
-    ]
+    names = ("scheduler", *OPTIMIZER_FIELDS, *SCHEDULE_FIELDS[cfg.scheduler])
+    changed = [name for name in names if saved[name] != getattr(cfg, name)]
     if changed:
         was = ", ".join(f"{name}={saved[name]!r}" for name in changed)
         now = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in changed)
-        raise ValueError(f"--resume: the checkpoint was trained with {was}; the configuration asks for {now}")
+        raise ValueError(
+            f"--resume: the checkpoint was trained with {was}; the configuration asks for {now}. A resumed "
+            "run keeps its optimizer and schedule: drop the change, or start a new run"
+        )

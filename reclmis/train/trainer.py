@@ -15,6 +15,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from reclmis.model import NoteTokenizer, RecLMIS
 from reclmis.model.text_encoder import TextFeatureCache
 from reclmis.train.checkpoint import (
     checkpoint_model_config,
+    copy_checkpoint,
     load_checkpoint,
     model_from_state,
     save_checkpoint,
@@ -45,9 +47,14 @@ from reclmis.train.distributed import (
     barrier,
     init_distributed,
 )
+from reclmis.train.run_folder import RunLock
 from reclmis.train.schedules import build_optimizer, build_scheduler, check_same_schedule
 
 LOGGED_LOSSES = ("total", *LOSS_TERMS)  # the running means of every training epoch
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; raised before anything of that epoch is saved."""
 
 
 class NoteCollator:
@@ -155,11 +162,14 @@ class Trainer:
             mask_resize=train_config.mask_resize,
         )
 
+        if self.dist.is_main:
+            self.train_set.check_masks()
+            self.val_set.check_masks()
         if len(self.val_set) < self.dist.world_size:
             raise ValueError(
                 f"the validation split has {len(self.val_set)} images, fewer than {self.dist.world_size} processes"
             )
-        state = self._resume_state() if resume else self._check_fresh_run()
+        state = self._claim_folder(resume)
         torch.manual_seed(train_config.seed)  # identical initial weights on every rank
         self.model = (
             model_from_state(state)
@@ -192,6 +202,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, train_config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.start_epoch = 0
+        self._first_bad: torch.Tensor | None = None
         self.best_dice = -math.inf
         self.stale_epochs = 0
         if state is not None:
@@ -242,6 +253,30 @@ class Trainer:
             drop_last=train and len(sampler) >= self.cfg.batch_size,  # equal batches for the global CCL
         )
 
+    def _claim_folder(self, resume: bool) -> dict[str, Any] | None:
+        """Lock the run folder (rank 0; released when ``fit`` returns or the process ends), then check
+        that it holds what ``resume`` expects: the resumed run's state, or nothing."""
+        self.lock = RunLock(self.out_dir) if self.dist.is_main else None
+        if self.lock is not None:
+            weakref.finalize(self, self.lock.release)
+            self._take_lock()
+        try:
+            return self._resume_state() if resume else self._check_fresh_run()
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> None:
+        if self.lock is not None and not self.lock.held:
+            notice = self.lock.acquire()
+            if notice is not None:
+                tqdm.write(notice)
+
+    def close(self) -> None:
+        """Release the run folder's lock (``fit`` does so when it returns)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def _warn_truncated_notes(self) -> None:
         notes = sorted(set(self.train_set.texts))
         long = self.model.tokenizer.overlong(notes)
@@ -269,7 +304,23 @@ class Trainer:
             changed = sorted(k for k, v in saved.to_dict().items() if self.model_config.to_dict()[k] != v)
             raise ValueError(f"--resume: the model configuration differs from the checkpoint's in {changed}")
         check_same_schedule(state["train_config"], self.cfg)
+        if self.dist.is_main:
+            self._restore_best(path, state)
         return state
+
+    def _restore_best(self, last: Path, state: dict[str, Any]) -> None:
+        """best.pt is written after last.pt: a run stopped between the two has a last.pt of its best epoch
+        (``stale_epochs`` 0) and no best.pt, or an older one. Copy last.pt over it, or say what is lost."""
+        best = self.out_dir / "best.pt"
+        if state["stale_epochs"] == 0:
+            if _saved_epoch(best) != state["epoch"]:
+                copy_checkpoint(last, best)
+                tqdm.write(f"{best}: rewritten from last.pt, the best epoch so far ({state['epoch'] + 1})")
+        elif not best.is_file():
+            tqdm.write(
+                f"warning: {best} is missing and last.pt is not the best epoch (validation Dice "
+                f"{state['best_dice']:.4f}): best.pt will be written at the next better epoch"
+            )
 
     def _check_fresh_run(self) -> None:
         if (self.out_dir / "last.pt").exists():
@@ -308,6 +359,7 @@ class Trainer:
         time-limited job that the next one continues with ``--resume``)."""
         end = self.cfg.epochs if epochs is None else min(self.cfg.epochs, self.start_epoch + epochs)
         results = []
+        self._take_lock()
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(
@@ -345,6 +397,7 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
+            self.close()
         return results
 
     def _text_features(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -385,12 +438,23 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)  # fmt: skip
         with self._compile_notice(bar):
-            return self._train_steps(bar, sums, logged)
+            try:
+                return self._train_steps(bar, sums, logged, epoch)
+            except NonFiniteLossError:
+                raise
+            except Exception as err:  # NaN weights can fail a later step first (an op rejecting them)
+                if self._first_bad is not None:
+                    self._check_finite(float(self._first_bad), epoch, len(bar), err)
+                raise
 
     def _compile_notice(self, bar: tqdm) -> contextlib.AbstractContextManager:
         return compile_notice(bar) if self.cfg.compile else contextlib.nullcontext()
 
-    def _train_steps(self, bar: tqdm, sums: torch.Tensor, logged: torch.Tensor) -> dict[str, float]:
+    def _train_steps(
+        self, bar: tqdm, sums: torch.Tensor, logged: torch.Tensor, epoch: int
+    ) -> dict[str, float]:
+        first_bad = torch.zeros((), device=self.device)  # the first step whose loss is not finite; 0: none
+        self._first_bad = first_bad
         for step, batch in enumerate(bar, start=1):
             text_features = self._text_features(batch)
             batch = to_device(batch, self.device, self.cfg.channels_last)
@@ -407,12 +471,19 @@ class Trainer:
                 sums += torch.cat(
                     [terms * n, dice.sum().view(1), torch.full((1,), float(n), device=self.device)]
                 )
+                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(terms[0]), step, first_bad)
+                self._first_bad = first_bad
             if step % self.cfg.log_every == 0 and self.progress:
-                window = (sums - logged).tolist()  # the only host read of the step, every log_every steps
+                # the only host read of the step, every log_every steps
+                *window, bad = torch.cat([sums - logged, first_bad.view(1)]).tolist()
+                if not self.dist.enabled:  # under DDP every process stops together, at the epoch end
+                    self._check_finite(bad, epoch, len(bar))
                 logged.copy_(sums)
                 bar.set_postfix(loss=f"{window[0] / window[-1]:.4f}", dice=f"{window[-2] / window[-1]:.4f}")
         all_reduce_sum(sums, self.dist)
-        totals = sums.tolist()
+        *totals, bad = torch.cat([sums, first_bad.view(1)]).tolist()
+        if bad or not math.isfinite(totals[0]):  # the sums are NaN on every process if on one
+            self._check_finite(bad or -1.0, epoch, len(bar))
         images = totals[-1]
         if images == 0:
             raise ValueError(
@@ -427,6 +498,17 @@ class Trainer:
         }
         means["dice_score"] = totals[-2] / images
         return means
+
+    def _check_finite(self, first_bad: float, epoch: int, steps: int, cause: Exception | None = None) -> None:
+        """Stop on a non-finite loss (``first_bad``: its step, -1 on another process, 0 none)."""
+        if first_bad == 0:
+            return
+        where = f"step {int(first_bad)} of {steps}" if first_bad > 0 else "a step of another process"
+        raise NonFiniteLossError(
+            f"training stopped: the loss is not finite (NaN or infinite) at epoch {epoch + 1}, {where}; "
+            f"nothing of epoch {epoch + 1} was saved. Lower the learning rate (lr={self.cfg.lr:g}) or check "
+            "the data"
+        ) from cause
 
     @staticmethod
     def _batch_dice(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -494,3 +576,11 @@ class Trainer:
             f"train dice {result.train['dice_score']:.4f}  val dice {result.val['dice']:.4f}  "
             f"val iou {result.val['iou']:.4f}  ({result.seconds:.1f}s)"
         )
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch of the checkpoint at ``path`` (its tensors memory-mapped, not read), None if unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # missing, truncated or foreign: treated as absent
+        return None
