@@ -1,8 +1,10 @@
 """Shared benchmark plumbing: timing, peak memory, the environment record and results files (also used by
 the accuracy studies in experiments/ and the kernel report in tools/kernel_report/).
 
-Every op suite exposes ``run(device: str, quick: bool) -> list[dict]`` (rows as produced by
-``measure``) for ``benchmarks/run_all.py``, a pytest-benchmark suite, and a script mode writing JSON.
+Every op suite exposes ``run(device: str, quick: bool, session: bool = False) -> list[dict]`` (rows as
+produced by ``measure``; ``session``: the GPU session's scope, paper shapes and B=256) for
+``benchmarks/run_all.py``, a pytest-benchmark suite, and a script mode writing JSON; ``markdown`` is the
+table of a results file.
 """
 
 from __future__ import annotations
