@@ -80,6 +80,7 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "gated": {"model": {"interaction_injection": "gated"}},
     "gated_minilm": {"model": {"text_encoder": MINILM, "max_text_len": 28}},  # its tokenizer's notes: <= 25
     "zero_init": {"model": {"interaction_injection": "zero_init"}},
+    "gated_fast": {"model": {"interaction_injection": "gated", "injection_gate_speed": 50.0}},
     "gated_official_weights": {
         "model": {"interaction_injection": "gated", "loss_weights": auxiliary_weights()}
     },
