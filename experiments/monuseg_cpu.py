@@ -56,15 +56,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (
-    MINILM,
-    RESIDUAL,
-    auxiliary_weights,
-    environment,
-    gather_rows,
-    with_text_encoder,
-    write_study,
-)
+from experiments.common import environment, gather_rows, write_study
+from experiments.variants import MINILM, RESIDUAL, auxiliary_weights, with_text_encoder
 from reclmis.config import load_recipe
 from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
