@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reclmis-installed
 BUILT_FOR := build/.reclmis-venv
 
-.PHONY: install test demo lint bench-quick
+.PHONY: install test demo lint bench-quick wheelhouse offline-install
 
 # Editable installs share the tree's reclmis/_C*.so: reinstall when another environment built it last.
 ifneq ($(shell cat $(BUILT_FOR) 2>/dev/null),$(abspath $(VENV)))
@@ -64,3 +64,18 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Air-gapped nodes (docs/install.md). On a connected machine: the wheels the node's site Python lacks, for
+# its Python and platform (default: the GPU image's gaps, Python 3.12, manylinux x86_64), into $(WHEELHOUSE).
+# On the node, from the checkout with the wheelhouse in it: pip install from it with no index into the site's
+# Python (PYTHON), its torch kept and reclmis._C built against it (TORCH_CUDA_ARCH_LIST picks the GPUs).
+WHEELHOUSE ?= wheelhouse
+WHEELHOUSE_PYTHON ?= 3.12
+WHEELHOUSE_PLATFORM ?= manylinux_2_28_x86_64
+WHEELHOUSE_PROVIDED ?= gpu-image
+wheelhouse:
+	$(PYTHON) tools/wheelhouse.py download --out $(WHEELHOUSE) --python $(WHEELHOUSE_PYTHON) \
+		--platform $(WHEELHOUSE_PLATFORM) --provided $(WHEELHOUSE_PROVIDED)
+
+offline-install:
+	$(PYTHON) tools/wheelhouse.py install --wheelhouse $(WHEELHOUSE)

@@ -10,10 +10,11 @@ Implementations, each computing the same op (forward checked against the eager o
   triton  reclmis.kernels.conditioned_attention (CUDA only: the interpreter is no benchmark)
 
 Shapes: CVR (B=32, H=4, Nq=196 image tokens, Nk=18 padded text tokens, D=128), CLR (Nq=18, Nk=196) and a
-sweep up to B=128, Nq=784, Nk=77 (mode "reweight", the model's default).
+sweep up to B=128, Nq=784, Nk=77 (mode "reweight", the model's default). ``run(..., session=True)``: the
+GPU session's scope (paper shapes and CVR at B=256, bf16).
 
-    python benchmarks/bench_conditioned_attention.py --device cuda [--out PATH]
-    python benchmarks/bench_conditioned_attention.py --device cpu --quick --out /tmp/ca.json
+    python3 benchmarks/bench_conditioned_attention.py --device cuda [--out PATH]
+    python3 benchmarks/bench_conditioned_attention.py --device cpu --quick --out /tmp/ca.json
     pytest benchmarks/bench_conditioned_attention.py
 """
 
@@ -43,6 +44,7 @@ PAPER_SHAPES = {
 }
 SWEEP = [(64, 196, 18), (128, 196, 18), (32, 784, 18), (32, 196, 77), (128, 784, 77)]  # (B, Nq, Nk)
 FLEX_BUDGET_S = 45.0  # FlexAttention compiles per shape, dtype, mode and grad mode: bound its time
+SESSION_FLEX_BUDGET_S = 20.0  # within the GPU session's ten minutes (benchmarks/gpu_session.sh)
 
 Impl = Callable[..., torch.Tensor]
 
@@ -221,8 +223,16 @@ def bench_case(name, shape, mode, dtype, device, impls, *, reps, flex_budget: Ti
     return rows
 
 
-def cases(device: str, quick: bool):
-    """(name, shape, mode, dtype): paper shapes in both modes, then the sweep in mode "reweight"."""
+def cases(device: str, quick: bool, session: bool = False):
+    """(name, shape, mode, dtype): paper shapes in both modes, then the sweep in mode "reweight". The GPU
+    session's scope: the paper shapes in both modes and CVR at B=256, in bf16 (what the model trains in)."""
+    if session:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        for name, shape in PAPER_SHAPES.items():
+            for mode in MODES:
+                yield name, shape, mode, dtype
+        yield "cvr_B256", {**PAPER_SHAPES["cvr"], "B": 256}, "reweight", dtype
+        return
     dtypes = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
     batch = 4 if quick else None
     for dtype in dtypes:
@@ -237,11 +247,11 @@ def cases(device: str, quick: bool):
             yield f"cvr_sweep_B{b}_Nq{nq}_Nk{nk}", shape, "reweight", dtype
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool, session: bool = False) -> list[dict]:
     reps = 20 if device == "cuda" else (5 if quick else 10)
-    flex_budget = TimeBudget(FLEX_BUDGET_S)
+    flex_budget = TimeBudget(SESSION_FLEX_BUDGET_S if session else FLEX_BUDGET_S)
     rows = []
-    for name, shape, mode, dtype in cases(device, quick):
+    for name, shape, mode, dtype in cases(device, quick, session):
         # On CPU, flex and triton become rows saying why they did not run; the sweep leaves flex out.
         impls = [impl for impl in IMPLS if impl != "flex" or "sweep" not in name]
         rows += bench_case(name, shape, mode, dtype, device, impls, reps=reps, flex_budget=flex_budget)

@@ -12,33 +12,34 @@ change in the machine's load hits both alike). On CUDA the fused model of the tr
 beside the reference row, and inference at batch 1; on CPU the small preset at 224x224, batch 4, in
 inductor's default mode (--quick: the tiny preset at 64x64). Each variant's first call (for the compiled
 one: tracing and code generation, forward and backward) is timed on its own as first_call_s; the warm-up
-calls that follow (CUDA graph recording) are not timed.
+calls that follow (CUDA graph recording) are not timed. ``--parts train`` / ``--parts inference`` measure one
+of the two; ``--session`` takes the GPU session's repetitions and precisions (see compile_comparison).
 
-    python benchmarks/bench_model.py --device cuda --out benchmarks/results/model_cuda.json
-    python benchmarks/bench_model.py --device cpu --compile --out benchmarks/results/model_compile_cpu.json
-    python benchmarks/bench_model.py --device cpu --quick          # tiny preset, small batch: a smoke test
+    python3 benchmarks/bench_model.py --device cuda --out benchmarks/results/model_cuda.json
+    python3 benchmarks/bench_model.py --device cpu --compile --out benchmarks/results/model_compile_cpu.json
+    python3 benchmarks/bench_model.py --device cpu --quick          # tiny preset, small batch: a smoke test
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 try:
-    from benchmarks.common import measure, script_parser, write_rows
+    from benchmarks.common import alternating_rounds, measure, script_parser, write_rows
 except ImportError:  # run as a script from benchmarks/
-    from common import measure, script_parser, write_rows
+    from common import alternating_rounds, measure, script_parser, write_rows
 
 from reclmis.config import RecLMISConfig
 from reclmis.model import RecLMIS
 from reclmis.model.tokenizer import NoteTokenizer
 from reclmis.profiling import profile_model
 from reclmis.train.compilation import resolve_compile_mode
+
+PARTS = ("train", "inference")
 
 
 def _model(preset: str, image_size: int, tokens: int, backend: str, device: str) -> RecLMIS:
@@ -104,50 +105,43 @@ def compiled_side_by_side(
     """Median time of each callable over ``rounds`` alternating rounds of ``reps`` calls (so that a change
     in the machine's load hits every variant alike), after its first (compiling) call and two warm-up calls
     (CUDA graphs are recorded there). min_ms, the fastest call, is the figure least disturbed by other load."""
-    first = {name: _first_call_seconds(fn, device) for name, fn in runs.items()}
+    first = {}
+    for name, fn in runs.items():
+        first[name] = _first_call_seconds(fn, device)
+        print(f"{name}: first call (compilation for the compiled ones) {first[name]:.1f} s", flush=True)
     for fn in runs.values():
         fn()
         fn()
-    timings: dict[str, list[dict]] = {name: [] for name in runs}
-    load_before = os.getloadavg()[0]  # other work on the machine: the 1-minute load average
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            timings[name].append(measure(fn, device, warmup=0, reps=reps))
-    load = {"load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
-    return {
-        name: {
-            "median_ms": statistics.median(t["median_ms"] for t in values),
-            "min_ms": min(t["min_ms"] for t in values),
-            "round_medians_ms": [t["median_ms"] for t in values],
-            "first_call_s": first[name],
-            **load,
-        }
-        for name, values in timings.items()
-    }
+    timings = alternating_rounds(runs, device, reps, rounds)
+    return {name: timing | {"first_call_s": first[name]} for name, timing in timings.items()}
 
 
-def compile_comparison(device: str, quick: bool) -> list[dict]:
+def compile_comparison(
+    device: str, quick: bool, *, session: bool = False, parts: tuple[str, ...] = PARTS
+) -> list[dict]:
     """Training steps (and, on CUDA, batch-1 inference) eager and compiled, side by side; on CUDA also the
-    reference row (fp32, reference ops, eager: the official configuration) that the GPU goal divides by."""
+    reference row (fp32, reference ops, eager: the official configuration) that the GPU goal divides by.
+
+    ``parts``: "train", "inference" or both. ``session`` (the GPU session, benchmarks/gpu_session.sh): two
+    rounds, and the compiled training step in the autocast precision only (fp32 runs eager, beside the
+    reference row), since each compiled precision costs a compilation of the forward and backward."""
     if device == "cuda":
         preset, image_size, tokens, batch = "paper", 224, 18, 32
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         precisions = [("fp32", None), (str(amp).removeprefix("torch."), amp)]
-        reps, rounds = (5, 2) if quick else (10, 3)
+        reps, rounds = (5, 2) if quick else ((10, 2) if session else (10, 3))
     else:
         preset, image_size, tokens, batch = ("tiny", 64, 18, 4) if quick else ("small", 224, 18, 4)
         precisions, reps, rounds = [("fp32", None)], (2 if quick else 4), (2 if quick else 3)
     mode = resolve_compile_mode("auto", torch.device(device), distributed=False)
     shape = {"preset": preset, "image_size": image_size, "tokens": tokens, "batch": batch}
     rows: list[dict] = []
-    for name, dtype in precisions:
+    for name, dtype in precisions if "train" in parts else []:
         model = _model(preset, image_size, tokens, "auto", device).train()
-        runs = {
-            "fused_eager": _training_step(model, model, batch, device, dtype, compiled=False),
-            "fused_compiled": _training_step(
-                model, torch.compile(model, mode=mode), batch, device, dtype, True
-            ),
-        }
+        runs = {"fused_eager": _training_step(model, model, batch, device, dtype, compiled=False)}
+        if not (session and dtype is None and len(precisions) > 1):
+            compiled = torch.compile(model, mode=mode)
+            runs["fused_compiled"] = _training_step(model, compiled, batch, device, dtype, True)
         if device == "cuda" and dtype is None:
             reference = _model(preset, image_size, tokens, "reference", device).train()
             runs["reference_eager"] = _training_step(reference, reference, batch, device, None, False)
@@ -161,7 +155,7 @@ def compile_comparison(device: str, quick: bool) -> list[dict]:
     baseline = next((r for r in rows if r["impl"] == "reference_eager"), None)
     for row in rows if baseline is not None else []:
         row["speedup_vs_reference_fp32"] = row["images_per_s"] / baseline["images_per_s"]
-    if device == "cuda":
+    if device == "cuda" and "inference" in parts:
         rows += _compiled_inference(preset, image_size, tokens, mode, reps, rounds, shape | {"batch": 1})
     return rows
 
@@ -249,9 +243,20 @@ def main() -> None:
         action="store_true",
         help="eager and torch.compile side by side instead (results model_compile_<device>.json)",
     )
+    parser.add_argument(
+        "--session",
+        action="store_true",
+        help="with --compile: the GPU session's repetitions and precisions (benchmarks/gpu_session.sh)",
+    )
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="with --compile: what to measure"
+    )
     args = parser.parse_args()
+    if args.session and not args.compile:
+        parser.error("--session goes with --compile")
     if args.compile:
-        print(write_rows("model_compile", args.device, compile_comparison(args.device, args.quick), args.out))
+        rows = compile_comparison(args.device, args.quick, session=args.session, parts=tuple(args.parts))
+        print(write_rows("model_compile", args.device, rows, args.out))
     else:
         print(write_rows("model", args.device, run(args.device, args.quick), args.out))
 

@@ -16,8 +16,6 @@ process, in alternating rounds so that a change in the machine's load hits them 
 
 from __future__ import annotations
 
-import os
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,9 +23,9 @@ import numpy as np
 import torch
 
 try:
-    from benchmarks.common import measure, minilm_directory, script_parser, write_rows
+    from benchmarks.common import alternating_rounds, minilm_directory, script_parser, write_rows
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import measure, minilm_directory, script_parser, write_rows
+    from common import alternating_rounds, minilm_directory, script_parser, write_rows
 
 from reclmis.config import RecLMISConfig
 from reclmis.data import ZONES, describe_zones
@@ -85,20 +83,7 @@ def steps(text_encoder: str, device: str) -> dict[str, Callable[[], None]]:
 def side_by_side(runs: dict[str, Callable[[], None]], device: str, reps: int, rounds: int) -> dict[str, dict]:
     for fn in runs.values():
         fn()  # warm-up; fills the cache
-    load_before = os.getloadavg()[0]
-    timings: dict[str, list[dict]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            timings[name].append(measure(fn, device, warmup=1, reps=reps))
-    load = {"load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
-    return {
-        name: {
-            "median_ms": statistics.median(t["median_ms"] for t in values),
-            "min_ms": min(t["min_ms"] for t in values),
-            **load,
-        }
-        for name, values in timings.items()
-    }
+    return alternating_rounds(runs, device, reps, rounds)
 
 
 def run(device: str, quick: bool, text_encoder: str | None = None) -> list[dict]:

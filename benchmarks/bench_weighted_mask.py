@@ -10,7 +10,7 @@ Implementations:
 Shapes: image tokens B=32, T=196, C=512 at ratio 0.5; text tokens B=32, T=18, C=512 at ratio 0.3 with
 per-row lengths; both again with C=0, which times the draw alone. On CUDA each extension row also records
 whether its masks equal the CPU kernel's for the same seed. Script mode:
-python benchmarks/bench_weighted_mask.py --device cpu|cuda [--quick] [--threads N] [--out PATH]
+python3 benchmarks/bench_weighted_mask.py --device cpu|cuda [--quick] [--threads N] [--out PATH]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ SHAPES = (
     {"B": 32, "T": 196, "C": 0, "ratio": 0.5, "lengths": False},
     {"B": 32, "T": 18, "C": 0, "ratio": 0.3, "lengths": True},
 )
+SESSION_SHAPE = {"B": 256, "T": 196, "C": 512, "ratio": 0.5, "lengths": False}  # the GPU session adds it
 Impl = Callable[[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -132,13 +133,14 @@ def _case(impl: str, shape: dict[str, Any], device: str) -> Callable[[], object]
     return call
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    """One row per (shape, implementation): median time, peak memory and speed-up over the numpy loop."""
+def run(device: str, quick: bool, session: bool = False) -> list[dict]:
+    """One row per (shape, implementation): median time, peak memory and speed-up over the numpy loop. The
+    GPU session's scope: the paper shapes and image tokens at B=256, with fewer repetitions."""
     np.random.seed(0)
     torch.manual_seed(0)
-    reps, warmup = (5, 2) if quick else (100, 10)
+    reps, warmup = (5, 2) if quick else ((50, 5) if session else (100, 10))
     rows = []
-    for shape in SHAPES:
+    for shape in (*SHAPES, SESSION_SHAPE) if session else SHAPES:
         timings = {
             name: measure(_case(name, shape, device), device, warmup=warmup, reps=reps) for name in IMPLS
         }

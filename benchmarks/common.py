@@ -1,8 +1,10 @@
 """Shared benchmark plumbing: timing, peak memory, the environment record and results files (also used by
 the accuracy studies in experiments/ and the kernel report in tools/kernel_report/).
 
-Every op suite exposes ``run(device: str, quick: bool) -> list[dict]`` (rows as produced by
-``measure``) for ``benchmarks/run_all.py``, a pytest-benchmark suite, and a script mode writing JSON.
+Every op suite exposes ``run(device: str, quick: bool, session: bool = False) -> list[dict]`` (rows as
+produced by ``measure``; ``session``: the GPU session's scope, paper shapes and B=256) for
+``benchmarks/run_all.py``, a pytest-benchmark suite, and a script mode writing JSON; ``markdown`` is the
+table of a results file.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def environment(device: str) -> dict[str, Any]:
-    """What produced a figure: device, versions, commit and command."""
+    """What produced a figure: device, versions, commit and command. The commit is git's; where the tree
+    has no .git (a copy sent to a GPU node), it is the RECLMIS_COMMIT environment variable, if set."""
     env: dict[str, Any] = {
         "device": device,
         "device_name": torch.cuda.get_device_name()
@@ -45,21 +48,50 @@ def environment(device: str) -> dict[str, Any]:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        git = ["git", "-C", str(Path(__file__).parent)]
-        env["git_commit"] = subprocess.run(
-            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        env["git_dirty"] = bool(status.stdout.strip())  # uncommitted changes to tracked files
-    except (OSError, subprocess.CalledProcessError):
-        env["git_commit"] = env["git_dirty"] = None
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        git = ["git", "-C", str(root)]
+        try:
+            env["git_commit"] = subprocess.run(
+                [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            status = subprocess.run(
+                [*git, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            env["git_dirty"] = bool(status.stdout.strip())  # uncommitted changes to tracked files
+        except (OSError, subprocess.CalledProcessError):
+            env["git_commit"] = env["git_dirty"] = None
+    else:  # a copy of the tree without .git (as sent to a GPU node): the commit as the caller names it
+        env["git_commit"] = os.environ.get("RECLMIS_COMMIT")
+        env["git_dirty"] = None
+        env["git_commit_from"] = "RECLMIS_COMMIT"
     return env
+
+
+def alternating_rounds(
+    runs: dict[str, Callable[[], object]], device: str, reps: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each callable timed over ``rounds`` alternating rounds of ``reps`` calls, so that a change in the
+    machine's load hits every variant alike: the median of the rounds' medians, the fastest call (the figure
+    least disturbed by other load), each round's median and the 1-minute load average around them."""
+    timings: dict[str, list[dict]] = {name: [] for name in runs}
+    load_before = os.getloadavg()[0]
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            timings[name].append(measure(fn, device, warmup=0, reps=reps))
+    load = {"load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
+    return {
+        name: {
+            "median_ms": statistics.median(t["median_ms"] for t in values),
+            "min_ms": min(t["min_ms"] for t in values),
+            "round_medians_ms": [t["median_ms"] for t in values],
+            **load,
+        }
+        for name, values in timings.items()
+    }
 
 
 def minilm_directory() -> Path | None:
@@ -128,3 +160,39 @@ def script_parser(
 def write_rows(name: str, device: str, rows: list[dict[str, Any]], out: str | Path | None) -> Path:
     """A suite's rows with the environment they were measured in, as benchmarks/results/<name>_<device>.json."""
     return write_results(f"{name}_{device}", {"environment": environment(device), "rows": rows}, out)
+
+
+TABLE_COLUMNS = ("op", "impl", "pass", "dtype", "shape", "median_ms", "speedup", "peak_mem_mib", "note")
+
+
+def _cell(row: dict, column: str) -> str:
+    if column == "shape":
+        shape = row.get("shape", {})
+        return " ".join(f"{k}={v}" for k, v in shape.items()) + (
+            f" mode={row['mode']}" if "mode" in row else ""
+        )
+    if column == "speedup":
+        value = next((v for k, v in row.items() if k.startswith("speedup_vs")), None)
+        return f"{value:.2f}x" if isinstance(value, float) else ""
+    if column == "note":
+        extra = {k: row[k] for k in ("images_per_s", "ms_per_image", "gflops_inference") if k in row}
+        text = ", ".join(f"{k}={v:.4g}" for k, v in extra.items())
+        text = " ".join(filter(None, (text, str(row.get("note", "")), str(row.get("error", "")))))
+        return text.strip()[:160]
+    value = row.get(column, "")
+    return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
+
+
+def markdown(payload: dict) -> str:
+    """The rows of a results payload as a markdown table, under the device, versions and command."""
+    env = payload["environment"]
+    lines = [
+        f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda']}; commit {env['git_commit']}",
+        f"Command: `{env['command']}`",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(_cell(row, c) for c in TABLE_COLUMNS) + " |" for row in payload["rows"]]
+    return "\n".join(lines) + "\n"

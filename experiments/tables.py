@@ -18,7 +18,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -195,18 +195,23 @@ def demo_ablations() -> str:
     return _table(SWITCH_HEADER, _switch_rows("note_following_ablations_cpu.json", labels))
 
 
-def demo_runs() -> str:
-    rows = []
-    for name in NOTE_FOLLOWING_FILES:
+def _each_run(files: Sequence[str]) -> Iterator[tuple[str, dict, dict, dict]]:
+    """(file, payload, row, the environment of the run that made the row) of every row of ``files``."""
+    for name in files:
         payload = load(name)
         for row in payload["rows"]:
-            environment = row.get("environment", payload.get("environment"))
-            rows.append((
-                f"`{name}`", f"`{row['variant']}`", str(payload.get("seed", "")),
-                _dice(row, "test"), _dice(row, "counterfactual"), _dice(row, "test_shuffled_notes"),
-                _dice(row, "test_constant_notes"), str(row["best_epoch"]), f"{row['train_minutes']:.1f}",
-                str(environment.get("torch_threads", "")), _commit(environment),
-            ))  # fmt: skip
+            yield name, payload, row, row.get("environment", payload.get("environment"))
+
+
+def demo_runs() -> str:
+    rows = []
+    for name, payload, row, environment in _each_run(NOTE_FOLLOWING_FILES):
+        rows.append((
+            f"`{name}`", f"`{row['variant']}`", str(payload.get("seed", "")),
+            _dice(row, "test"), _dice(row, "counterfactual"), _dice(row, "test_shuffled_notes"),
+            _dice(row, "test_constant_notes"), str(row["best_epoch"]), f"{row['train_minutes']:.1f}",
+            str(environment.get("torch_threads", "")), _commit(environment),
+        ))  # fmt: skip
     header = ("file", "variant", "seed", "test", "counterfactual", "shuffled", "constant", "best epoch",
               "minutes", "threads", "commit")  # fmt: skip
     return _table(header, rows)
@@ -329,17 +334,14 @@ def monuseg() -> str:
 
 def monuseg_runs() -> str:
     rows = []
-    for name in MONUSEG_FILES:
-        payload = load(name)
-        for row in payload["rows"]:
-            environment = row.get("environment", payload.get("environment"))
-            rows.append((
-                f"`{name}`", f"`{row['variant']}`", str(row["seed"]), _dice(row, "test", 2),
-                _pct(row["test"]["iou"], 2), _dice(row, "test_last", 2), _dice(row, "test_shuffled_notes", 2),
-                _dice(row, "test_constant_notes", 2), str(row["best_epoch"]), f"{row['train_minutes']:.1f}",
-                "yes" if row.get("resumed") else "", str(environment.get("torch_threads", "")),
-                _commit(environment),
-            ))  # fmt: skip
+    for name, _, row, environment in _each_run(MONUSEG_FILES):
+        rows.append((
+            f"`{name}`", f"`{row['variant']}`", str(row["seed"]), _dice(row, "test", 2),
+            _pct(row["test"]["iou"], 2), _dice(row, "test_last", 2), _dice(row, "test_shuffled_notes", 2),
+            _dice(row, "test_constant_notes", 2), str(row["best_epoch"]), f"{row['train_minutes']:.1f}",
+            "yes" if row.get("resumed") else "", str(environment.get("torch_threads", "")),
+            _commit(environment),
+        ))  # fmt: skip
     header = ("file", "variant", "seed", "Dice", "IoU", "Dice (last.pt)", "shuffled", "constant",
               "best epoch", "minutes", "resumed", "threads", "commit")  # fmt: skip
     return _table(header, rows)

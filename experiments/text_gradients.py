@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import RESIDUAL, auxiliary_weights, environment, write_study
+from experiments.common import environment, write_study
+from experiments.variants import RESIDUAL, auxiliary_weights
 from reclmis.config import AUXILIARY_TERMS, SEGMENTATION_TERMS, LossWeights, load_recipe
 from reclmis.data import LViTDataset, make_synthetic
 from reclmis.model import RecLMIS

@@ -83,6 +83,9 @@ class RecLMISConfig:
     # initialisation); "residual", CI's visual output V' = V + MHA(V, E'); "official", the official module
     # without residual sums (docs/differences.md)
     interaction_injection: str = "gated"
+    # the gated injection's gate is tanh(gate_speed * alpha): Adam moves alpha by about the learning rate per
+    # step, so the gate opens (or closes) gate_speed times faster than a plain tanh(alpha)
+    injection_gate_speed: float = 1.0
     # the note also scales the visual tokens in the residual form: V' = g * V + MHA(V, E'), with
     # g = 2 sigmoid(Linear(MHA(V, E'))) per patch and channel, zero-initialised (g = 1 at the start)
     interaction_gate: bool = False
@@ -170,6 +173,8 @@ class RecLMISConfig:
             raise ValueError(
                 f"interaction_injection must be one of {INJECTIONS}, got {self.interaction_injection!r}"
             )
+        if not self.injection_gate_speed > 0:
+            raise ValueError(f"injection_gate_speed must be positive, got {self.injection_gate_speed}")
         if self.interaction_gate and self.interaction_injection != "residual":
             raise ValueError(
                 "interaction_gate scales CI's residual visual tokens: it needs interaction_injection='residual'"

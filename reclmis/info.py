@@ -17,6 +17,15 @@ import torch
 
 from reclmis.cuda_toolkit import find_toolkit
 
+# The releases the Triton kernels and the extension are tested with: torch 2.13 (CPU wheel) with Triton 3.9
+# and torch 2.14 (CUDA wheel) with Triton 3.8 run the whole suite in CI; torch 2.11 (CUDA 13.0) with Triton
+# 3.6 installs offline, builds the CUDA kernel and compiles every kernel launch for sm_90
+# (benchmarks/results/offline_install_dry_run.json), and the launcher compiles against its headers
+# (tests/test_csrc_nvcc.py).
+TESTED = {"torch": ("2.11", "2.13", "2.14"), "triton": ("3.6", "3.8", "3.9")}
+# Triton's CPU interpreter up to 3.6 converts arrays to scalars in a way numpy 2.4 refuses.
+INTERPRETER_NUMPY_LIMIT = {"triton_up_to": (3, 6), "numpy_below": (2, 4)}
+
 _ELF_MAGIC = b"\x7fELF"
 _FATBIN_MAGIC = 0xBA55ED50
 _FATBIN_PTX, _FATBIN_CUBIN = 1, 2
@@ -122,6 +131,30 @@ def runs_on(gpu_arch: str, cubins: list[str], ptx: list[str]) -> bool:
     return any(_arch_number(arch) <= _arch_number(gpu_arch) for arch in ptx)
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "2.11.0+cu130" or "3.6.0"."""
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+    return major, minor
+
+
+def tested(package: str, version: str | None) -> bool:
+    """Whether ``version`` of torch or triton is a release the kernels and the extension are tested with."""
+    return version is not None and f"{_release(version)[0]}.{_release(version)[1]}" in TESTED[package]
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's CPU interpreter fails with this numpy (None when it does not): Triton 3.6 and older need
+    numpy < 2.4 there. Compiled kernels on a GPU are not affected."""
+    limit = INTERPRETER_NUMPY_LIMIT
+    if _release(triton_version) <= limit["triton_up_to"] and _release(numpy_version) >= limit["numpy_below"]:
+        below = ".".join(map(str, limit["numpy_below"]))
+        return (
+            f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) needs numpy<{below}, numpy "
+            f"{numpy_version} is installed: pip install 'numpy<{below}' (or Triton 3.8 or newer)"
+        )
+    return None
+
+
 def triton_info(cuda_available: bool) -> dict[str, Any]:
     """Triton's version and how the kernels of conditioned_attention and max_similarity run with
     backend="auto": "compiled", "interpreted" or "not run" (the ops then run their PyTorch references)."""
@@ -129,11 +162,14 @@ def triton_info(cuda_available: bool) -> dict[str, Any]:
         import triton
     except ImportError as error:
         return {"version": None, "mode": "not run", "why": f"triton does not import ({error})"}
+    import numpy
+
     from reclmis.kernels import _runtime
 
     if _runtime.interpreting():
         why = "TRITON_INTERPRET=1 runs them in Triton's CPU interpreter (slow; how the tests run them)"
-        return {"version": triton.__version__, "mode": "interpreted", "why": why}
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        return {"version": triton.__version__, "mode": "interpreted", "why": why, "problem": problem}
     if cuda_available:
         why = "for CUDA tensors; CPU tensors run the PyTorch references"
         return {"version": triton.__version__, "mode": "compiled", "why": why}
@@ -151,6 +187,7 @@ def collect() -> dict[str, Any]:
     return {
         "reclmis": __version__,
         "torch": torch.__version__,
+        "tested": {package: list(versions) for package, versions in TESTED.items()},
         "torch_cuda": torch.version.cuda,
         "gpus": gpus,
         "extension": extension_info(),
@@ -192,7 +229,10 @@ def _extension_lines(ext: dict[str, Any], gpus: list[dict[str, Any]], torch_cuda
 def format_report(info: dict[str, Any]) -> str:
     """The report of ``reclmis info``, one topic a line."""
     build = f"CUDA {info['torch_cuda']} build" if info["torch_cuda"] else "CPU-only build"
-    lines = [f"reclmis        {info['reclmis']}", f"torch          {info['torch']} ({build})"]
+    lines = [
+        f"reclmis        {info['reclmis']}",
+        f"torch          {info['torch']} ({build}); {_tested_note('torch', info['torch'])}",
+    ]
     if info["gpus"]:
         for index, gpu in enumerate(info["gpus"]):
             lines.append(f"GPU {index:<10} {gpu['name']} ({gpu['arch']}, {gpu['memory_gib']:.0f} GiB)")
@@ -209,10 +249,19 @@ def format_report(info: dict[str, Any]) -> str:
             f"CUDA toolkit   {'none usable' if info['torch_cuda'] else 'not used'}: {toolkit['why']}"
         )
     triton = info["triton"]
+    version = triton["version"]
+    tested_note = f" ({_tested_note('triton', version)})" if version else ""
     lines.append(
-        f"Triton         {triton['version'] or 'unavailable'}, kernels {triton['mode']}: {triton['why']}"
+        f"Triton         {version or 'unavailable'}{tested_note}, kernels {triton['mode']}: {triton['why']}"
     )
+    if triton.get("problem"):
+        lines.append(f"               warning: {triton['problem']}")
     return "\n".join(lines)
+
+
+def _tested_note(package: str, version: str) -> str:
+    releases = ", ".join(TESTED[package])
+    return f"tested with {releases}" if tested(package, version) else f"untested (tested with {releases})"
 
 
 def main(as_json: bool = False) -> int:

@@ -30,6 +30,12 @@ def test_run_all_quick_on_cpu_writes_json_and_markdown(tmp_path) -> None:
     ops = {row["op"] for row in payload["rows"]}
     assert {"conditioned_attention", "max_similarity", "weighted_mask", "model_training"} <= ops
     assert not [row for row in payload["rows"] if row.get("impl") == "suite"], "a suite failed"
+    # each suite's own file, written as it finished: together they hold every row
+    suites = ["conditioned_attention", "max_similarity", "weighted_mask", "model"]
+    per_suite = [json.loads((tmp_path / f"cpu.{suite}.json").read_text()) for suite in suites]
+    assert [p["suite"] for p in per_suite] == suites
+    key = [(row["op"], row["impl"], row["pass"]) for row in payload["rows"]]
+    assert [(row["op"], row["impl"], row["pass"]) for p in per_suite for row in p["rows"]] == key
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| ") >= len(payload["rows"])
     plots = subprocess.run(

@@ -22,7 +22,8 @@ def test_info_command_reports_this_installation(capsys: pytest.CaptureFixture[st
     report = capsys.readouterr().out
     ext = info.extension_info()
     build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-    assert f"torch          {torch.__version__} ({build})" in report
+    assert f"torch          {torch.__version__} ({build}); " in report
+    assert "tested with 2.11, 2.13, 2.14" in report
     assert ext["loaded"] and ext["cpu_kernel"], ext
     assert f"reclmis._C     CPU kernel{' + CUDA kernel' if ext['cuda_kernel'] else ''}" in report
     assert "CUDA toolkit   " in report and "Triton         " in report
@@ -133,3 +134,39 @@ def test_triton_mode(monkeypatch: pytest.MonkeyPatch, interpret: str, cuda: bool
 
     monkeypatch.setattr(_runtime, "interpreting", lambda: interpret == "1")  # the flavour triton took
     assert info.triton_info(cuda)["mode"] == mode
+
+
+def test_tested_releases() -> None:
+    assert all(info.tested("torch", version) for version in ("2.11.0+cu130", "2.13.0+cpu", "2.14.1"))
+    assert not any(info.tested("torch", version) for version in ("2.12.0", "2.10.0"))
+    assert all(info.tested("triton", version) for version in ("3.6.0", "3.8.1", "3.9.0"))
+    assert not any(info.tested("triton", version) for version in ("3.5.1", None))
+
+
+def test_report_names_the_tested_releases() -> None:
+    report = info.format_report(_info(torch="2.12.0+cu130"))
+    assert "torch          2.12.0+cu130 (CUDA 13.0 build); untested (tested with 2.11, 2.13, 2.14)" in report
+    assert "Triton         3.8.0 (tested with 3.6, 3.8, 3.9), kernels compiled" in report
+    assert info.TESTED == {"torch": ("2.11", "2.13", "2.14"), "triton": ("3.6", "3.8", "3.9")}
+
+
+@pytest.mark.parametrize(
+    ("triton", "numpy", "fails"),
+    [
+        ("3.6.0", "2.4.0", True),
+        ("3.6.0", "2.5.2", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.8.0", "2.5.2", False),
+    ],
+)
+def test_interpreter_numpy_limit(triton: str, numpy: str, fails: bool) -> None:
+    problem = info.interpreter_problem(triton, numpy)
+    assert (problem is not None) is fails
+    if fails:
+        assert f"numpy<2.4, numpy {numpy} is installed: pip install 'numpy<2.4'" in problem
+
+
+def test_report_warns_about_the_interpreter_numpy_limit() -> None:
+    problem = info.interpreter_problem("3.6.0", "2.5.2")
+    triton = {"version": "3.6.0", "mode": "interpreted", "why": "TRITON_INTERPRET=1", "problem": problem}
+    assert f"               warning: {problem}" in info.format_report(_info(triton=triton, gpus=[]))

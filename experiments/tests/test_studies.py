@@ -108,7 +108,7 @@ def test_monuseg_diagnosis_reads_ci_from_the_models_own_forward(norm: bool) -> N
 
 def test_aux_hundredth_is_the_demo_recipes_weights() -> None:
     """note_following's aux_hundredth row is what `make demo` trains with; both read the weights as floats."""
-    from experiments.common import auxiliary_weights
+    from experiments.variants import auxiliary_weights
     from reclmis.config import LossWeights, load_recipe
 
     model_config, _ = load_recipe(ROOT / "configs" / "synthetic_tiny.yaml")

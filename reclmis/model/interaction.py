@@ -73,7 +73,8 @@ class ConditionedInteraction(nn.Module):
 
     ``injection`` chooses the decoder's input D:
 
-    - "gated":    D = V4 + tanh(alpha) * A, with a gate alpha (C,) per channel initialised at 0. At
+    - "gated":    D = V4 + tanh(s * alpha) * A, with a gate alpha (C,) per channel initialised at 0 and
+      ``gate_speed`` s (Adam moves alpha by about the learning rate per step: s scales how fast). At
       initialisation the decoder receives the stage-4 features exactly as the image-only network does, and
       training opens the note's path (Flamingo's tanh-gated cross-attention);
     - "zero_init": D = V4 + Z(A), Z a linear map of the channels initialised at zero (ControlNet's zero
@@ -99,6 +100,7 @@ class ConditionedInteraction(nn.Module):
         injection: str = "gated",
         note_gate: bool = False,
         norm: bool = False,
+        gate_speed: float = 1.0,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -107,6 +109,7 @@ class ConditionedInteraction(nn.Module):
             raise ValueError("the note gate scales the residual visual tokens: it needs injection='residual'")
         self.injection = injection
         self.alpha = nn.Parameter(torch.zeros(width)) if injection == "gated" else None
+        self.gate_speed = gate_speed
         self.zero_projection = nn.Linear(width, width) if injection == "zero_init" else None
         if self.zero_projection is not None:
             nn.init.zeros_(self.zero_projection.weight)
@@ -140,7 +143,7 @@ class ConditionedInteraction(nn.Module):
         v = attended if self.injection == "official" else v + attended
         if self.alpha is not None:
             note = attended.transpose(1, 2).reshape(stage4.shape)
-            decoder_input = stage4 + torch.tanh(self.alpha)[:, None, None] * note
+            decoder_input = stage4 + torch.tanh(self.gate_speed * self.alpha)[:, None, None] * note
         elif self.zero_projection is not None:
             note = self.zero_projection(attended).transpose(1, 2).reshape(stage4.shape)
             decoder_input = stage4 + note

@@ -79,6 +79,7 @@ class RecLMIS(nn.Module):
             injection=config.interaction_injection,
             note_gate=config.interaction_gate,
             norm=config.interaction_norm,
+            gate_speed=config.injection_gate_speed,
         )
         self.poi_head = InterestWeights(width, config.w_head_dropout)  # W_poi
         self.woi_head = InterestWeights(width, config.w_head_dropout)  # W_woi
