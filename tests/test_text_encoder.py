@@ -242,7 +242,8 @@ def train_evaluate_predict_without_the_directory(
     run = tmp_path / "run"
     code = main(["train", "--data", str(synthetic), "--out", str(run), "--text-encoder", str(copy), *TINY])
     assert code == 0, capsys.readouterr().err
-    assert f"text encoder: BertModel from {copy}" in capsys.readouterr().out
+    architecture = json.loads((copy / "config.json").read_text())["architectures"][0]
+    assert f"text encoder: {architecture} from {copy}" in capsys.readouterr().out
     state = load_checkpoint(run / "best.pt")
     saved = pretrained_tensors(copy)
     for name, value in saved.items():
@@ -258,8 +259,11 @@ def train_evaluate_predict_without_the_directory(
     assert (tmp_path / "mask.png").is_file()
 
 
-def test_cli_with_a_pretrained_bert_directory(tiny_bert_dir, synthetic, tmp_path, capsys) -> None:
-    train_evaluate_predict_without_the_directory(tiny_bert_dir, synthetic, tmp_path, capsys)
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_clip_text_dir"])
+def test_cli_with_a_pretrained_directory(fixture: str, synthetic, tmp_path, capsys, request) -> None:
+    train_evaluate_predict_without_the_directory(
+        request.getfixturevalue(fixture), synthetic, tmp_path, capsys
+    )
 
 
 def test_cli_with_the_real_minilm(minilm_dir, synthetic, tmp_path, capsys) -> None:
